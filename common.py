@@ -213,20 +213,23 @@ class HFBackend:
             idx = order[b:b + prompts_per_batch]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(self.device)
-            torch.manual_seed(cfg.seed + b)  # reproducible, independent of batch composition
+            torch.manual_seed(cfg.seed + b)
             sample = cfg.temperature > 0
+            # Greedy decoding gives n identical samples: decode once, copy n times.
+            n_return = cfg.n if sample else 1
             with torch.inference_mode():
                 gen = self.model.generate(
                     **enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
                     temperature=cfg.temperature if sample else None,
                     top_p=cfg.top_p if sample else None, top_k=None if sample else None,
-                    num_return_sequences=cfg.n, pad_token_id=tok.pad_token_id,
+                    num_return_sequences=n_return, pad_token_id=tok.pad_token_id,
                     stop_strings=cfg.stop or None, tokenizer=tok if cfg.stop else None)
             new = gen[:, enc.input_ids.shape[1]:]
-            n_tokens += int((new != tok.pad_token_id).sum())
+            n_tokens += int((new != tok.pad_token_id).sum()) * (cfg.n // n_return)
             decoded = tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
-                out[i] = [truncate_at_stop(t, cfg.stop) for t in decoded[j * cfg.n:(j + 1) * cfg.n]]
+                texts_i = decoded[j * n_return:(j + 1) * n_return]
+                out[i] = [truncate_at_stop(t, cfg.stop) for t in texts_i] * (cfg.n // n_return)
             bar.update(len(idx) * cfg.n)
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - start, 1e-6):.0f}")
         bar.close()
@@ -488,18 +491,19 @@ def format_critique(steps: list[str], step_correct: list[bool], explanations: li
 # Answer checking (math-verify does the equivalence; we only find the answer in the text)
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, braces matched by counting (they nest in LaTeX)."""
-    start = text.rfind("\\boxed")
-    if start == -1:
+    """Content of the last \\boxed{...}; braces nest in LaTeX, so count them (a regex cannot)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
         return None
-    i = text.find("{", start)
-    if i == -1:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
+    depth, j = 0, start + len("\\boxed")
+    while j < len(text):
+        if text[j] == "\\":  # an escaped \{ or \} is content, not structure
+            j += 2
+            continue
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j].strip()
+            return text[start + len("\\boxed{"):j].strip()
+        j += 1
     return None
 
 
@@ -522,6 +526,8 @@ def extract_answer(solution: str) -> str | None:
     if matches:
         tail = matches[-1].group(1).strip()
         tail = tail.split("\n")[0].strip().rstrip(".").strip()
+        if "\\boxed" in tail:  # a box that never closed: the generation was cut off
+            return None
         if "$" in tail and tail.count("$") >= 2:  # inline LaTeX like $\frac{1}{2}$
             return tail.strip("$ ")
         nums = _NUMBER.findall(tail.replace("$", ""))
@@ -644,21 +650,28 @@ def accuracy_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float, 
 # -----------------------------------------------------------------------------
 # JSONL I/O: readable errors, and appends that survive a kill -9
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All rows; a malformed row raises ValueError naming file:line."""
-    rows = []
+def iter_jsonl(path: str | Path, required: tuple | list = ()):
+    """Yield ("file:line", row); a malformed row or a missing field raises naming file:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON row ({e.msg})") from None
+                raise ValueError(f"{where}: malformed JSON row ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+            yield where, row
+
+
+def read_jsonl(path: str | Path, required: tuple | list = ()) -> list[dict]:
+    """All rows of a JSONL file (errors name file:line, see iter_jsonl)."""
+    return [row for _, row in iter_jsonl(path, required)]
 
 
 def require_fields(rows: list[dict], fields: list[str], path: str | Path) -> None:
@@ -735,6 +748,8 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -748,3 +763,246 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 # -----------------------------------------------------------------------------
 # Training (supervised fine-tuning shared by the critic, the actor and the self-talk model)
+#
+# One routine for every fine-tuning stage: chat records {"messages": [..., assistant]} in, a plain
+# safetensors model folder out. The loss is on the last assistant reply only. The Hugging Face
+# Trainer does the loop, so the same call runs on this CPU, under torchrun, DeepSpeed or FSDP.
+
+IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
+
+
+def render_chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The exact prompt text the Engine sends at inference (template with generation prompt,
+    or the plain 'User:/Assistant:' form), so training and generation see the same prompt."""
+    from types import SimpleNamespace
+    return Engine.render(SimpleNamespace(tokenizer=tokenizer), messages)
+
+
+def tokenize_chat_for_sft(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """Chat -> {input_ids, labels, attention_mask}, labels -100 everywhere but the last reply.
+
+    The labeled span is the assistant reply plus the end-of-turn token that follows it (the
+    template's, or eos for tokenizers without a template), so the model learns to stop; text a
+    template adds after the end-of-turn token (SmolLM2's newline) is masked as it is never
+    generated. Returns None when the example is longer than max_length: the caller drops and
+    counts it, since a critique cut in half would teach the critic to stop mid-sentence.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("an SFT example must end with an assistant message")
+    reply, eos = messages[-1]["content"], tokenizer.eos_token or ""
+    prompt = render_chat_prompt(tokenizer, messages[:-1])
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    else:
+        full = prompt + reply + eos
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids  # as HFBackend encodes
+
+    prompt_ids = encode(prompt)
+    ids = encode(full) if full.startswith(prompt) else None
+    if ids is None or ids[:len(prompt_ids)] != prompt_ids:
+        # The template renders the prompt differently inside a full chat, or BPE merged a token
+        # across the boundary: encode the two parts apart, as they are at generation time.
+        completion = full[len(prompt):] if full.startswith(prompt) else reply + eos
+        ids = prompt_ids + encode(completion)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    reply_ids = ids[len(prompt_ids):]
+    if tokenizer.eos_token_id in reply_ids:
+        end = len(prompt_ids) + len(reply_ids) - reply_ids[::-1].index(tokenizer.eos_token_id)
+        labels[end:] = [IGNORE_INDEX] * (len(labels) - end)
+    if len(ids) > max_length:
+        return None
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def tokenize_sft_records(tokenizer, records: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """(tokenized examples, number dropped for being longer than max_length)."""
+    out, dropped = [], 0
+    for i, rec in enumerate(records):
+        try:
+            ex = tokenize_chat_for_sft(tokenizer, rec["messages"], max_length)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"SFT record {i} (id={rec.get('id')!r}): {e}") from None
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
+    return out, dropped
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads a batch: input_ids with the pad token, labels with -100, attention_mask with 0."""
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+        n = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        def pad(key: str, value: int):
+            return torch.tensor([list(f[key]) + [value] * (n - len(f[key])) for f in features])
+
+        return {"input_ids": pad("input_ids", self.pad_token_id),
+                "labels": pad("labels", IGNORE_INDEX), "attention_mask": pad("attention_mask", 0)}
+
+
+def actor_sft_records(problems: list[dict]) -> list[dict]:
+    """Iteration-0 actor warm-up data: each problem's reference solution as the reply."""
+    return [{"id": p["id"],
+             "messages": actor_messages(p["question"], is_boxed_style(p))
+             + [{"role": "assistant", "content": join_steps(p["reference_steps"])}]}
+            for p in problems]
+
+
+SFT_DONE = "sft_done.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """Newest checkpoint-N whose trainer_state.json exists (the Trainer writes it last, so a
+    run killed mid-save leaves a folder without it, which is skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in folder.iterdir()
+            if (m := _CKPT.match(p.name)) and (p / "trainer_state.json").exists()]
+    return str(max(done)[1]) if done else None
+
+
+def _publish_model(tmp: Path, out: Path) -> None:
+    """Move a saved model from tmp into out file by file; config.json goes last, so a folder
+    that from_pretrained can open always holds complete weights."""
+    for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+        old.unlink()  # shards of an earlier save must not mix with the new ones
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for p in [p for p in files if p.name != "config.json"] + [p for p in files if p.name == "config.json"]:
+        os.replace(p, out / p.name)
+
+
+def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
+              eval_records: list[dict] | None = None, epochs: float = 1, lr: float = 5e-6,
+              batch_size: int = 8, grad_accum: int = 1, max_length: int = 4096,
+              lora: bool = False, lora_r: int = 16, device: str | None = None, seed: int = 0,
+              resume: bool = True, logging_steps: int = 10, save_steps: int = 200,
+              save_total_limit: int = 2, keep_checkpoints: bool = False,
+              deepspeed: str | None = None, trust_remote_code: bool = False,
+              extra_args: dict | None = None) -> str:
+    """Fine-tune `model` (name or folder) on chat records; returns the final model folder.
+
+    Paper settings: full fine-tuning, cosine schedule, no warmup, lr 5e-6, global batch 256
+    (batch_size x grad_accum x processes), max length 4096. Checkpoints go to
+    output_dir/checkpoints/ and a rerun resumes from the newest complete one; the final model
+    (LoRA merged into the base weights) and tokenizer are published into output_dir, then
+    sft_done.json marks it finished, and a rerun with the same settings returns at once.
+    `extra_args` pass through to TrainingArguments (e.g. gradient_checkpointing=True).
+    """
+    import hashlib
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+
+    out = Path(output_dir)
+    data_hash = hashlib.sha256(json.dumps([r["messages"] for r in records], sort_keys=True)
+                               .encode()).hexdigest()[:16]
+    config = dict(model=model, n_records=len(records), data_sha256=data_hash, epochs=epochs,
+                  lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                  lora=lora, lora_r=lora_r if lora else None, seed=seed)
+    done_path = out / SFT_DONE
+    if resume and done_path.exists():
+        done = json.loads(done_path.read_text())
+        if done.get("config") == config:
+            print(f"[sft] {out} is already trained with these settings; skipping")
+            return str(out)
+        raise SystemExit(f"{out} holds a model trained with other settings ({done.get('config')}); "
+                         "delete the folder or choose another output dir")
+    if not resume and int(os.environ.get("RANK", "0")) == 0:  # a fresh start forgets old runs
+        done_path.unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    device = pick_device(device)
+    dtype = pick_dtype(device)
+    ckpt_dir = out / "checkpoints"
+    targs = dict(
+        output_dir=str(ckpt_dir), num_train_epochs=epochs, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
+        eval_strategy="epoch" if eval_records else "no",
+        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+        logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
+        deepspeed=deepspeed)
+    targs.update(extra_args or {})
+    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained shard on load.
+    args = TrainingArguments(**targs)
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    train_ds, dropped = tokenize_sft_records(tokenizer, records, max_length)
+    eval_ds, eval_dropped = tokenize_sft_records(tokenizer, eval_records or [], max_length)
+    if not train_ds:
+        raise ValueError(f"no training example fits in max_length={max_length} "
+                         f"({dropped} of {len(records)} dropped)")
+    if dropped or eval_dropped:
+        print(f"[sft] dropped {dropped} train / {eval_dropped} eval examples longer than "
+              f"{max_length} tokens")
+
+    set_seed(seed)
+    base_path = resolve_model(model)
+    # fp32 master weights; bf16/fp16 only as autocast (lr 5e-6 updates vanish in bf16 weights).
+    net = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                               trust_remote_code=trust_remote_code)
+    net.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        if args.gradient_checkpointing:
+            net.enable_input_require_grads()
+        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = Trainer(model=net, args=args, train_dataset=train_ds,
+                      eval_dataset=eval_ds or None, processing_class=tokenizer,
+                      data_collator=SFTCollator(tokenizer.pad_token_id))
+    ckpt = last_complete_checkpoint(ckpt_dir) if resume else None
+    if ckpt:
+        print(f"[sft] resuming from {ckpt}")
+    result = trainer.train(resume_from_checkpoint=ckpt)
+
+    # Every rank takes part in the save (ZeRO-3/FSDP gather the shards); rank 0 writes.
+    tmp = out / ".final-tmp"
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        if lora:  # merge the adapter so later stages load a plain model
+            from peft import PeftModel
+            merged_dir = out / ".merged-tmp"
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                        trust_remote_code=trust_remote_code)
+            merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(str(merged_dir))
+            del base, merged
+            shutil.rmtree(tmp)
+            os.replace(merged_dir, tmp)
+        else:
+            cfg_path = tmp / "config.json"  # restore inference defaults in the saved config
+            cfg = json.loads(cfg_path.read_text())
+            cfg["use_cache"] = True
+            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        _publish_model(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        write_json_atomic(done_path, {
+            "config": config, "train_examples": len(train_ds), "dropped_too_long": dropped,
+            "eval_examples": len(eval_ds), "eval_dropped_too_long": eval_dropped,
+            "global_step": trainer.state.global_step, "world_size": args.world_size,
+            "resumed_from": Path(ckpt).name if ckpt else None,
+            "train_loss": result.training_loss, "metrics": result.metrics,
+            "eval_loss_by_epoch": [{"epoch": h["epoch"], "eval_loss": h["eval_loss"]} for h in evals],
+            "log_history": trainer.state.log_history})
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return str(out)

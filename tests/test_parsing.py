@@ -1,0 +1,65 @@
+"""Steps out of solutions, verdicts out of critiques; malformed text never raises."""
+import pytest
+
+import common
+
+
+def test_split_steps_strips_labels_and_blank_lines():
+    text = "Step 1: 3 * 4 = 12\n\n2. 12 + 1 = 13\n- so 13 left\n  The answer is 13.  \n"
+    assert common.split_steps(text) == ["3 * 4 = 12", "12 + 1 = 13", "so 13 left", "The answer is 13."]
+
+
+def test_number_and_join_steps_round_trip():
+    steps = ["a = 1", "b = 2"]
+    assert common.split_steps(common.number_steps(steps)) == steps
+    assert common.split_steps(common.join_steps(steps)) == steps
+
+
+def test_format_then_parse_critique_round_trip():
+    steps = ["He buys 3 * 4 = 12 pens.", "He has 12 + 5 = 18 pens.", "The answer is 18."]
+    text = common.format_critique(steps, [True, False, False],
+                                  ["Right.", "12 + 5 is 17, not 18.", "Carries the error."],
+                                  False, "The answer should be 17.")
+    c = common.parse_critique(text, n_steps=3)
+    assert c.ok, c.problems
+    assert [s.correct for s in c.steps] == [True, False, False]
+    assert [s.step for s in c.steps] == steps
+    assert c.steps[1].explanation == "12 + 5 is 17, not 18."
+    assert c.first_wrong_step == 2
+    assert c.final_correct is False and c.final_explanation == "The answer should be 17."
+
+
+def test_parse_critique_tolerates_markdown_and_case():
+    text = ("**Step 1:** x = 2\n**Verdict:** correct - fine\nStep 2: y = 5\nverdict: INCORRECT. no\n"
+            "Final Verdict: Wrong. bad")
+    c = common.parse_critique(text)
+    assert c.ok, c.problems
+    assert [s.correct for s in c.steps] == [True, False]
+    assert c.final_correct is False
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("", "no step verdicts"),
+    ("The solution looks fine to me!", "no step verdicts"),
+    ("Step 1: a\nVerdict: Correct.\nStep 2: b\n", "steps without a verdict: [2]"),
+    ("Step 1: a\nVerdict: Correct.", "no final verdict"),
+    ("Step 1: a\nVerdict: Correct.\nStep 3: c\nVerdict: Wrong.\nFinal verdict: Wrong.",
+     "steps are not numbered 1..n"),
+    ("Verdict: Correct.\nFinal verdict: Correct.", "verdict without its step"),
+])
+def test_malformed_critiques_are_reported_not_raised(text, problem):
+    c = common.parse_critique(text)
+    assert not c.ok
+    assert any(problem in p for p in c.problems), c.problems
+
+
+def test_step_count_mismatch_is_reported():
+    text = "Step 1: a\nVerdict: Correct.\nFinal verdict: Correct."
+    assert common.parse_critique(text, n_steps=1).ok
+    c = common.parse_critique(text, n_steps=2)
+    assert c.problems == ["1 step verdicts for 2 steps"]
+
+
+def test_parse_critique_never_raises_on_odd_input():
+    for text in ["Step 99999999999999999999: x", "Final verdict:", "\x00\x01", "Step 1:\n" * 500, None]:
+        common.parse_critique(text)
