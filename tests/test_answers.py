@@ -56,3 +56,13 @@ def test_model_text_is_never_evaluated(tmp_path):
     hostile = f"The answer is __import__('pathlib').Path('{marker}').touch()"
     common.check_solution(hostile, "1")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is 3 * 4 = 12.", "12"),
+    ("The answer is $1.00 - $1.00 = $0.00", "0.00"),
+    ("The answer is reached by adding all of them.", None),
+    ("The answer is odd.", "odd"),
+])
+def test_extract_answer_from_model_shaped_text(text, expected):
+    assert common.extract_answer(text) == expected

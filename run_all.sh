@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The paper as a recipe: every stage in order over JSONL files, each logged and resumable.
+#
+#   bash run_all.sh                     # CPU: embedded SmolLM2-135M, built-in problems
+#   PRESET=tiny bash run_all.sh         # smoke run of every stage in a few minutes
+#   SOURCE=gsm8k GSM8K_TRAIN=train.jsonl GSM8K_TEST=test.jsonl bash run_all.sh
+#   PRESET=paper BACKEND=vllm ACTOR=meta-llama/Meta-Llama-3-8B-Instruct \
+#       CRITIC_BASE=meta-llama/Meta-Llama-3-8B-Instruct bash run_all.sh   # GPUs
+#
+# Every knob below is an environment variable; the preset only sets defaults. A finished stage
+# leaves $OUT/logs/NN.done and is skipped on a rerun; a killed stage resumes from its own files.
+# Remove $OUT (or one .done file) to redo work.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${PRESET:-default}
+case $PRESET in
+  tiny)    d=(60 8 4 2 2 1 1 48 8 4 "1,2" 4 96 160) ;;
+  default) d=(2000 200 40 4 4 1 2 400 40 20 "1,2,4" 8 256 384) ;;
+  paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
+  *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
+esac
+N_TRAIN=${N_TRAIN:-${d[0]}}            # built-in problems (0 = all of a real data set)
+N_TEST=${N_TEST:-${d[1]}}
+ERR_PROBLEMS=${ERR_PROBLEMS:-${d[2]}}  # problems stage 01 makes flawed paths for (0 = all)
+RG_SAMPLES=${RG_SAMPLES:-${d[3]}}      # RG1 samples per problem (RG2/RG3 use half)
+FILTER_N=${FILTER_N:-${d[4]}}          # stage 03: refinements per critique ...
+FILTER_K=${FILTER_K:-${d[5]}}          # ... of which at least K must be right (0 = filter off)
+EPOCHS=${EPOCHS:-${d[6]}}
+TRAIN_ROWS=${TRAIN_ROWS:-${d[7]}}      # cap on critic SFT rows (0 = all)
+EVAL_ROWS=${EVAL_ROWS:-${d[8]}}        # held-out critiques the trained critic is scored on
+TEST_PROBLEMS=${TEST_PROBLEMS:-${d[9]}}
+K_VALUES=${K_VALUES:-${d[10]}}
+DIFF_SAMPLES=${DIFF_SAMPLES:-${d[11]}} # actor samples per test problem for the difficulty bins
+ACTOR_TOKENS=${ACTOR_TOKENS:-${d[12]}}
+CRITIC_TOKENS=${CRITIC_TOKENS:-${d[13]}}
+
+SOURCE=${SOURCE:-builtin}              # builtin | gsm8k | math
+ACTOR=${ACTOR:-smollm2-135m}           # any HF id or local path
+CRITIC_BASE=${CRITIC_BASE:-$ACTOR}     # the model the critic is fine-tuned from
+BACKEND=${BACKEND:-auto}               # auto | hf | vllm
+DEVICE=${DEVICE:-}                     # cuda | npu | cpu (empty: best available)
+LR=${LR:-1e-4}                         # 1e-4 suits a 135M model on a few hundred rows; paper: 5e-6
+OUT=${OUT:-out/$PRESET}
+DATA=${DATA:-$OUT/data}
+PY=${PY:-.venv/bin/python}
+
+bash setup.sh
+mkdir -p "$OUT/logs"
+common=(--backend "$BACKEND")
+[[ -n $DEVICE ]] && common+=(--device "$DEVICE")
+nz() { [[ $2 != 0 ]] && echo "$1 $2"; true; }   # a flag only when its value is not 0
+
+stage() {  # stage NAME COMMAND...: run once, log to $OUT/logs/NAME.log, mark done
+  local name=$1; shift
+  if [[ -f $OUT/logs/$name.done ]]; then echo "== $name: done already (rm $OUT/logs/$name.done to redo)"; return; fi
+  echo "== $name: $*"
+  local start=$SECONDS
+  PYTHONUNBUFFERED=1 "$@" 2>&1 | tee "$OUT/logs/$name.log"
+  echo "== $name: finished in $((SECONDS - start)) s"
+  touch "$OUT/logs/$name.done"
+}
+
+# --- 00 problems
+prep=(--source "$SOURCE" --out-dir "$DATA")
+case $SOURCE in
+  builtin) prep+=(--n-train "$N_TRAIN" --n-test "$N_TEST") ;;
+  gsm8k) [[ -n ${GSM8K_TRAIN:-} ]] && prep+=(--gsm8k-train "$GSM8K_TRAIN")
+         [[ -n ${GSM8K_TEST:-} ]] && prep+=(--gsm8k-test "$GSM8K_TEST") ;;
+  math)  [[ -n ${MATH_TRAIN:-} ]] && prep+=(--math-train "$MATH_TRAIN")
+         [[ -n ${MATH_TEST:-} ]] && prep+=(--math-test "$MATH_TEST") ;;
+esac
+stage 00_prepare_data $PY 00_prepare_data.py "${prep[@]}"
+
+# --- 01-03 AutoMathCritique: flawed paths -> step-level critiques -> keep the helpful ones
+half=$(( (RG_SAMPLES + 1) / 2 ))
+stage 01_generate_errors $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_train.jsonl" \
+  --out "$OUT/paths.jsonl" --actor "$ACTOR" $(nz --limit "$ERR_PROBLEMS") "${common[@]}" \
+  --rg1-samples "$RG_SAMPLES" --rg2-samples "$half" --rg3-samples "$half" \
+  --max-new-tokens "$ACTOR_TOKENS"
+stage 02_annotate $PY 02_annotate.py --paths "$OUT/paths.jsonl" --out "$OUT/annotations.jsonl"
+stage 03_filter $PY 03_filter.py --annotations "$OUT/annotations.jsonl" --out-dir "$OUT" \
+  --actor "$ACTOR" --n "$FILTER_N" --k "$FILTER_K" --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
+
+# --- 04 critic training, 05 the critic at test time
+stage 04_train_critic $PY 04_train_critic.py --data "$OUT/critic_sft.jsonl" \
+  --model "$CRITIC_BASE" --output-dir "$OUT/critic" --epochs "$EPOCHS" --lr "$LR" \
+  $(nz --max-train-rows "$TRAIN_ROWS") --max-eval-rows "$EVAL_ROWS" \
+  --eval-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
+stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
+  --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" $(nz --limit "$TEST_PROBLEMS") \
+  --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" \
+  --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
+
+echo "== all stages done; results in $OUT (filter_stats.md, critic/eval.json, test_time/metrics.md)"

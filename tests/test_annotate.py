@@ -1,0 +1,321 @@
+"""Stage 2 (02_annotate.py): the rules annotator, validation, the API and model annotators, resume."""
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import load_stage
+
+from common import parse_critique, read_jsonl
+
+stage = load_stage("02_annotate")
+
+PENS_Q = ("Liam has 12 boxes with 4 pens in each box. He gives away 10 pens. Then he buys 6 more "
+          "pens. How many pens does he have now?")
+PENS_REF = ["He starts with 12 * 4 = 48 pens.", "After giving some away he has 48 - 10 = 38 pens.",
+            "Buying more gives 38 + 6 = 44 pens.", "The answer is 44."]
+
+
+def path_row(steps, answer, is_correct, id="p-rg1-0", method="rg1", error_step=None, error_type=None,
+             question=PENS_Q, reference=PENS_REF, gold="44"):
+    return {"id": id, "problem_id": id.split("-")[0], "source": "builtin", "question": question,
+            "reference_steps": reference, "gold_answer": gold, "difficulty": 3, "method": method,
+            "steps": steps, "answer": answer, "is_correct": is_correct, "error_step": error_step,
+            "error_type": error_type, "inserter": "program" if method == "rg3" else None}
+
+
+def annotate(row):
+    """Rules critique of a row, checked to validate, parsed."""
+    text = stage.rules_critique(row)
+    assert stage.validate(row, text) == [], text
+    crit = parse_critique(text, n_steps=len(row["steps"]))
+    return crit, [s.correct for s in crit.steps], text
+
+
+# -----------------------------------------------------------------------------
+# Rules annotator
+
+def test_calculation_error_is_located_and_carried():
+    row = path_row(["He starts with 12 * 4 = 48 pens.", "After giving some away he has 48 - 10 = 36 pens.",
+                    "Buying more gives 36 + 6 = 42 pens.", "The answer is 42."], "42", False,
+                   method="rg3", error_step=2, error_type="calculation error")
+    crit, verdicts, _ = annotate(row)
+    assert verdicts == [True, False, False, False]
+    assert "38" in crit.steps[1].explanation and "36" in crit.steps[1].explanation
+    assert "step 2" in crit.steps[2].explanation and "38" in crit.steps[2].explanation
+    assert crit.final_correct is False and "44" in crit.final_explanation
+
+
+def test_wrong_operation():
+    row = path_row(["He starts with 12 + 4 = 16 pens.", "After giving some away he has 16 - 10 = 6 pens.",
+                    "Buying more gives 6 + 6 = 12 pens.", "The answer is 12."], "12", False)
+    crit, verdicts, _ = annotate(row)
+    assert verdicts == [False, False, False, False]
+    assert "wrong operation" in crit.steps[0].explanation and "12 * 4 = 48" in crit.steps[0].explanation
+    assert "16 should be 48" in crit.steps[1].explanation
+
+
+def test_misread_quantity_with_right_arithmetic():
+    row = path_row(["He starts with 12 * 4 = 48 pens.", "After giving some away he has 48 - 16 = 32 pens.",
+                    "Buying more gives 32 + 6 = 38 pens.", "The answer is 38."], "38", False)
+    crit, verdicts, _ = annotate(row)
+    assert verdicts == [True, False, False, False]
+    assert "16" in crit.steps[1].explanation and "10 pens" in crit.steps[1].explanation
+    assert "32 should be 38" in crit.steps[2].explanation
+
+
+def test_correct_path_is_all_correct():
+    crit, verdicts, _ = annotate(path_row(PENS_REF, "44", True))
+    assert verdicts == [True] * 4 and crit.final_correct is True and crit.first_wrong_step is None
+
+
+def test_no_arithmetic_wrong_answer_blames_last_step():
+    crit, verdicts, _ = annotate(path_row(["Liam counts all of his pens.", "The answer is 50."], "50", False))
+    assert verdicts == [True, False] and "44" in crit.steps[1].explanation
+    # an intermediate value as the answer: still the last step, named as stopping early
+    crit, verdicts, _ = annotate(path_row(["Liam counts all of his pens.", "The answer is 48."], "48", False))
+    assert verdicts == [True, False] and "intermediate" in crit.steps[1].explanation
+
+
+def test_known_but_wrong_number():
+    row = path_row(["He starts with 12 * 4 = 48 pens.", "He gives away the 12 boxes, so 48 - 12 = 36 pens.",
+                    "Buying more gives 36 + 6 = 42 pens.", "The answer is 42."], "42", False)
+    crit, verdicts, _ = annotate(row)
+    assert verdicts == [True, False, False, False] and "10 pens" in crit.steps[1].explanation
+
+
+def test_rg3_hint_marks_the_inserted_step():
+    steps = ["He starts with 12 * 4 = 48 pens.", "He doubles them, so 48 * 2 = 96 pens.",
+             "After giving some away he has 96 - 10 = 86 pens.", "The answer is 86."]
+    rg1 = path_row(steps, "86", False)
+    assert annotate(rg1)[1] == [True, True, False, False]  # without the hint step 2 looks fine
+    rg3 = dict(rg1, method="rg3", error_step=2, error_type="logic error")
+    crit, verdicts, _ = annotate(rg3)
+    assert verdicts == [True, False, False, False] and "logic error" in crit.steps[1].explanation
+    assert "step 2" in crit.steps[2].explanation
+
+
+def test_gsm8k_style_dollars_and_commas():
+    q = "A store sells a TV for $1,200 and a radio for $150. Tom buys 2 TVs and 3 radios. How much does he spend?"
+    ref = ["2 TVs cost 2 * $1,200 = $2,400.", "3 radios cost 3 * $150 = $450.",
+           "In total he spends $2,400 + $450 = $2,850.", "The answer is 2850."]
+    bad = path_row(["2 TVs cost 2 × $1,200 = $2,400.", "3 radios cost 3 × $150 = $350.",
+                    "He spends $2,400 + $350 = $2,750.", "The answer is $2,750."], "2750", False,
+                   question=q, reference=ref, gold="2850")
+    crit, verdicts, _ = annotate(bad)
+    assert verdicts == [True, False, False, False]
+    assert "$450" in crit.steps[1].explanation and "2850" in crit.final_explanation
+    good = path_row(["2 TVs cost 2 x $1,200 = $2,400.", "3 radios cost 3 x $150 = $450.",
+                     "He spends $2,400 + $450 = $2,850 in all.", "The answer is $2,850."], "2850", True,
+                    question=q, reference=ref, gold="2850")
+    assert annotate(good)[1] == [True] * 4
+
+
+def test_arithmetic_reader():
+    calcs, _ = stage.analyze_text("10 / 3 = 3.33, 50 / 250 * 100 = 20%, 3 * (4 + 2) = 3 * 6 = 18, "
+                                  "5 apples + 3 apples = 8 apples, 3 - 5 = -2")
+    assert [c.ok for c in calcs] == [True] * 6
+    calcs, _ = stage.analyze_text("x + 3 = 7 and 7 * 8 = 54")  # algebra is skipped, 54 is wrong
+    assert [(c.lhs_text, c.ok) for c in calcs] == [("7 * 8", False)]
+    assert stage.rules_findings(path_row(PENS_REF, "44", True)).startswith("- No arithmetic")
+
+
+# -----------------------------------------------------------------------------
+# Validation
+
+def test_validation_rejects_bad_critiques():
+    row = path_row(["He starts with 12 * 4 = 48 pens.", "The answer is 48."], "48", False)
+    good = stage.rules_critique(row)
+    assert stage.validate(row, good) == []
+    one_step = "Step 1: x\nVerdict: Correct. fine\nFinal verdict: Wrong. no"
+    assert any("step verdicts for 2 steps" in p for p in stage.validate(row, one_step))
+    no_final = good.rsplit("\nFinal verdict", 1)[0]
+    assert "no final verdict" in stage.validate(row, no_final)
+    flipped = good.replace("Final verdict: Wrong", "Final verdict: Correct")
+    assert "final verdict disagrees with the gold answer check" in stage.validate(row, flipped)
+    all_ok = good.replace("Verdict: Wrong", "Verdict: Correct")
+    assert "no step marked Wrong on a wrong path" in stage.validate(row, all_ok)
+    rg3 = dict(row, method="rg3", error_step=1)
+    assert any("after the inserted mistake" in p for p in stage.validate(rg3, good))
+
+
+# -----------------------------------------------------------------------------
+# API annotator against a real local HTTP server
+
+def fake_critique(user_text: str) -> str:
+    """A valid critique built from the steps the annotator prompt lists."""
+    solution = user_text.split("Student's solution:\n", 1)[1].split("\n\n", 1)[0]
+    steps = re.findall(r"^Step \d+: (.*)$", solution, re.MULTILINE)
+    right = re.search(r"final answer \(.*?\) is (correct|wrong)", user_text).group(1) == "correct"
+    lines = []
+    for i, s in enumerate(steps, 1):
+        lines += [f"**Step {i}:** {s}", f"Verdict: {'Correct' if right else 'Wrong'}. Checked."]
+    return "\n".join(lines + [f"Final verdict: {'Correct' if right else 'Wrong'}. Checked."])
+
+
+class FakeServer:
+    """OpenAI-style /v1/chat/completions: the first answer for a problem is malformed, later ones
+    valid; questions with ALWAYS-BAD never get a valid one, FLAKY ones first get an HTTP 500."""
+
+    def __init__(self):
+        self.requests, self.bodies, self.lock = {}, [], threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                question = user.split("Problem:\n", 1)[1].split("\n", 1)[0]
+                with outer.lock:
+                    n = outer.requests[question] = outer.requests.get(question, 0) + 1
+                    outer.bodies.append(body)
+                if ("FLAKY" in question and n == 1) or "TOO-LONG" in question:
+                    self.send_response(500 if "FLAKY" in question else 400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                bad = "ALWAYS-BAD" in question or n == (2 if "FLAKY" in question else 1)
+                text = "Looks fine to me." if bad else fake_critique(user)
+                data = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                                   "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": text}}],
+                                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def total(self):
+        return sum(self.requests.values())
+
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def write_paths(tmp_path, rows):
+    path = tmp_path / "paths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def api_args(paths, out, url, *extra):
+    return stage.parse_args(["--paths", str(paths), "--out", str(out), "--annotator", "api",
+                             "--annotator-url", url, "--annotator-model", "fake-annotator",
+                             "--api-key-env", "NO_SUCH_KEY_FOR_TESTS", "--concurrency", "3",
+                             "--requests-per-minute", "0", "--retry-wait", "0.01", "--max-retries", "2",
+                             *extra])
+
+
+def test_api_annotator_end_to_end(tmp_path, server):
+    wrong = ["He starts with 12 * 4 = 48 pens.", "The answer is 48."]
+    rows = [path_row(PENS_REF, "44", True, id="a-rg1-0"),
+            path_row(wrong, "48", False, id="b-rg1-0", question="Q-B " + PENS_Q),
+            path_row(wrong, "48", False, id="c-rg2-0", method="rg2", error_step=2, question="Q-C " + PENS_Q),
+            path_row(wrong, "48", False, id="d-rg1-0", question="FLAKY " + PENS_Q),
+            path_row(wrong, "48", False, id="e-rg1-0", question="ALWAYS-BAD " + PENS_Q)]
+    paths, out = write_paths(tmp_path, rows), tmp_path / "annotations.jsonl"
+    stats = stage.main(api_args(paths, out, server.url))
+    # a b c: malformed then valid; d: 500, malformed, valid; e: three malformed answers
+    assert server.total() == 2 * 3 + 3 + 3
+    assert [b["temperature"] for b in server.bodies if "Q-B" in b["messages"][-1]["content"]] == [0.0, 0.3]
+    kept = {r["id"]: r for r in read_jsonl(out)}
+    assert sorted(kept) == ["a-rg1-0", "b-rg1-0", "c-rg2-0", "d-rg1-0"]
+    for r in kept.values():
+        crit = parse_critique(r["critique"], n_steps=len(r["steps"]))
+        assert crit.ok and r["critique"].startswith("Step 1: He starts")  # re-rendered, no ** markup
+        assert r["annotator"] == "api:fake-annotator" and r["attempts"] == 2
+        assert r["critique_final_correct"] is r["is_correct"]
+    assert kept["b-rg1-0"]["critique_first_wrong_step"] == 1
+    assert stats["paths"] == 5 and stats["kept"] == 4 and stats["dropped"] == 1
+    assert stats["retries"] == 4 * 1 + 2 and stats["dropped_reasons"] == {"no step verdicts": 1}
+    assert stats["by_method"]["rg2"] == {"paths": 1, "kept": 1, "dropped": 0}
+    assert json.loads((tmp_path / "annotations.stats.json").read_text()) == stats
+    dropped = read_jsonl(tmp_path / "annotations.dropped.jsonl")
+    assert [d["id"] for d in dropped] == ["e-rg1-0"] and dropped[0]["attempts"] == 3
+    # a rerun asks nothing (dropped paths are not retried forever); --retry-dropped asks again
+    assert stage.main(api_args(paths, out, server.url)) == stats and server.total() == 12
+    stage.main(api_args(paths, out, server.url, "--retry-dropped"))
+    assert server.total() == 15
+
+
+def test_api_rejected_request_is_a_drop(tmp_path, server):
+    rows = [path_row(PENS_REF, "44", True, id="t-rg1-0", question="TOO-LONG " + PENS_Q)]
+    paths, out = write_paths(tmp_path, rows), tmp_path / "annotations.jsonl"
+    stats = stage.main(api_args(paths, out, server.url))
+    assert server.total() == 1  # a 400 is not retried
+    assert stats["dropped_reasons"] == {"api rejected the request": 1}
+
+
+def test_rate_limiter_spaces_requests():
+    limiter = stage.RateLimiter(1200)  # one start every 50 ms
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=limiter.wait) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - t0 >= 0.19
+
+
+# -----------------------------------------------------------------------------
+# Model annotator (batched) with a stand-in engine, and resuming the rules annotator
+
+class FakeEngine:
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n=1, temperature=0.7, max_new_tokens=512, seed=0, **kw):
+        self.calls.append((len(prompts), temperature, seed))
+        if temperature == 0:  # greedy answers are garbage, the re-asks are valid
+            return [["no idea"] for _ in prompts]
+        return [[fake_critique(p[-1]["content"])] for p in prompts]
+
+
+def test_model_annotator_batches_and_reasks(tmp_path, monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(stage.common, "get_engine", lambda *a, **k: engine)
+    rows = [path_row(PENS_REF, "44", True, id=f"q{i}-rg1-0", question=f"Q{i} {PENS_Q}") for i in range(5)]
+    paths, out = write_paths(tmp_path, rows), tmp_path / "annotations.jsonl"
+    stats = stage.main(stage.parse_args(["--paths", str(paths), "--out", str(out), "--annotator", "model",
+                                         "--annotator-model", "some/model", "--chunk-size", "3"]))
+    assert engine.calls == [(3, 0.0, 0), (3, 0.3, 1), (2, 0.0, 0), (2, 0.3, 1)]
+    assert stats["kept"] == 5 and stats["retries"] == 5
+    assert {r["annotator"] for r in read_jsonl(out)} == {"model:some/model"}
+
+
+def test_resume_after_torn_write(tmp_path):
+    rows = [path_row(PENS_REF, "44", True, id=f"ok{i}-rg1-0") for i in range(4)]
+    rows += [path_row(["Liam counts.", "The answer is 50."], "50", False, id=f"bad{i}-rg1-0") for i in range(4)]
+    paths, out = write_paths(tmp_path, rows), tmp_path / "annotations.jsonl"
+    args = stage.parse_args(["--paths", str(paths), "--out", str(out)])
+    first = stage.main(args)
+    assert first["kept"] == 8 and first["dropped"] == 0  # rules annotations always validate
+    data = out.read_bytes()
+    cut = data.index(b"\n", data.index(b"\n", data.index(b"\n") + 1) + 1) + 40  # inside line 4
+    out.write_bytes(data[:cut])
+    again = stage.main(args)
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    assert again == first
+
+
+def test_malformed_input_names_file_and_line(tmp_path):
+    paths = tmp_path / "paths.jsonl"
+    paths.write_text(json.dumps(path_row(PENS_REF, "44", True)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"paths.jsonl:2"):
+        stage.main(stage.parse_args(["--paths", str(paths), "--out", str(tmp_path / "a.jsonl")]))
