@@ -260,6 +260,20 @@ class VLLMBackend:
         return [[truncate_at_stop(o.text, cfg.stop) for o in r.outputs] for r in results]
 
 
+def render_chat(tokenizer, prompt, prefix: str = "") -> str:
+    """Chat messages -> the model's chat template (plain 'Role: text' when it has none), with the
+    assistant turn opened and `prefix` already written in it. Strings pass through untouched.
+    Generation and SFT both render with this, so training sees the prompts inference sends."""
+    if isinstance(prompt, str):
+        return prompt + prefix
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in prompt)
+        text += "Assistant: "
+    return text + prefix
+
+
 class Engine:
     """A model ready to sample from. The backend is created on first use, so `auto` can pick
     vLLM only when the first job is big enough to repay its ~20-30 s start on a CPU."""
@@ -301,17 +315,18 @@ class Engine:
             self.backend_name = name
         return self._backend
 
+    def close(self) -> None:
+        """Free the backend (vLLM holds worker processes and a KV cache until shut down)."""
+        backend, self._backend = self._backend, None
+        engine_core = getattr(getattr(getattr(backend, "llm", None), "llm_engine", None),
+                              "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        for key in [k for k, e in _ENGINES.items() if e is self]:
+            del _ENGINES[key]
+
     def render(self, prompt, prefix: str = "") -> str:
-        """Chat messages -> the model's chat template (plain text when it has none) + prefix."""
-        if isinstance(prompt, str):
-            return prompt + prefix
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                      add_generation_prompt=True)
-        else:
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in prompt)
-            text += "Assistant: "
-        return text + prefix
+        return render_chat(self.tokenizer, prompt, prefix)
 
     def generate(self, prompts: list, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 512, stop: list[str] | None = None, seed: int = 0,
@@ -366,6 +381,19 @@ CRITIC_FORMAT = (
     "'Verdict: Correct.' or 'Verdict: Wrong.' followed by a short explanation. After the last "
     "step write 'Final verdict: Correct.' or 'Final verdict: Wrong.' with a short explanation "
     "of whether the final answer is right.")
+
+
+def fewshot_examples(pool: list[dict], k: int, exclude_id: str | None = None,
+                     seed: int = 0) -> list[dict]:
+    """k worked examples from the training pool (never the problem being solved), chosen by a
+    seeded draw so a rerun prompts the same way. Short ones are preferred: they teach the
+    one-step-per-line format without eating the context of a small model."""
+    if k <= 0 or not pool:
+        return []
+    candidates = [p for p in pool if p.get("id") != exclude_id and p.get("reference_steps")]
+    candidates.sort(key=lambda p: (len(p["reference_steps"]), p.get("id", "")))
+    shortlist = candidates[:max(k, 50)]
+    return random.Random(f"{seed}:{exclude_id}").sample(shortlist, min(k, len(shortlist)))
 
 
 def critic_messages(question: str, steps: list[str]) -> list[dict]:
@@ -528,12 +556,15 @@ def extract_answer(solution: str) -> str | None:
         tail = tail.split("\n")[0].strip().rstrip(".").strip()
         if "\\boxed" in tail:  # a box that never closed: the generation was cut off
             return None
-        if "$" in tail and tail.count("$") >= 2:  # inline LaTeX like $\frac{1}{2}$
-            return tail.strip("$ ")
+        if tail.startswith("$") and tail.endswith("$") and tail.count("$") == 2:
+            return tail.strip("$ ")  # inline LaTeX like $\frac{1}{2}$
+        if "=" in tail:  # "The answer is 3 * 4 = 12": the result is what is stated
+            tail = tail.rsplit("=", 1)[1].strip()
         nums = _NUMBER.findall(tail.replace("$", ""))
         if nums:
             return nums[0].replace(",", "").replace(" ", "")
-        return tail or None
+        # No number: a short word may be an answer ("odd", "(C)"); a sentence is not one.
+        return tail if tail and len(tail.split()) <= 3 else None
     hashes = re.findall(r"####\s*(.+)", solution)
     if hashes:
         nums = _NUMBER.findall(hashes[-1])
@@ -771,13 +802,6 @@ def write_json_atomic(path: str | Path, obj) -> None:
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 
 
-def render_chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The exact prompt text the Engine sends at inference (template with generation prompt,
-    or the plain 'User:/Assistant:' form), so training and generation see the same prompt."""
-    from types import SimpleNamespace
-    return Engine.render(SimpleNamespace(tokenizer=tokenizer), messages)
-
-
 def tokenize_chat_for_sft(tokenizer, messages: list[dict], max_length: int) -> dict | None:
     """Chat -> {input_ids, labels, attention_mask}, labels -100 everywhere but the last reply.
 
@@ -790,7 +814,7 @@ def tokenize_chat_for_sft(tokenizer, messages: list[dict], max_length: int) -> d
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("an SFT example must end with an assistant message")
     reply, eos = messages[-1]["content"], tokenizer.eos_token or ""
-    prompt = render_chat_prompt(tokenizer, messages[:-1])
+    prompt = render_chat(tokenizer, messages[:-1])
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template(messages, tokenize=False)
     else:
@@ -923,23 +947,6 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
         done_path.unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
-    device = pick_device(device)
-    dtype = pick_dtype(device)
-    ckpt_dir = out / "checkpoints"
-    targs = dict(
-        output_dir=str(ckpt_dir), num_train_epochs=epochs, learning_rate=lr,
-        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
-        eval_strategy="epoch" if eval_records else "no",
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
-        logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
-        deepspeed=deepspeed)
-    targs.update(extra_args or {})
-    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained shard on load.
-    args = TrainingArguments(**targs)
-
     tokenizer = load_tokenizer(model, trust_remote_code)
     train_ds, dropped = tokenize_sft_records(tokenizer, records, max_length)
     eval_ds, eval_dropped = tokenize_sft_records(tokenizer, eval_records or [], max_length)
@@ -949,6 +956,31 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
     if dropped or eval_dropped:
         print(f"[sft] dropped {dropped} train / {eval_dropped} eval examples longer than "
               f"{max_length} tokens")
+
+    # Checkpoints of a run with other settings must not be resumed silently.
+    ckpt_dir = out / "checkpoints"
+    run_path = ckpt_dir / "sft_config.json"
+    if run_path.exists() and json.loads(run_path.read_text()) != config:
+        raise SystemExit(f"{ckpt_dir} holds checkpoints of a run with other settings; delete "
+                         "them or choose another output dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(run_path, config)
+
+    device = pick_device(device)
+    dtype = pick_dtype(device)
+    targs = dict(
+        output_dir=str(ckpt_dir), num_train_epochs=epochs, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
+        eval_strategy="epoch" if eval_ds else "no",
+        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+        logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
+        deepspeed=deepspeed)
+    targs.update(extra_args or {})
+    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained shard on load.
+    args = TrainingArguments(**targs)
 
     set_seed(seed)
     base_path = resolve_model(model)
@@ -991,6 +1023,7 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
             cfg["use_cache"] = True
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle no later stage reads
         _publish_model(tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
