@@ -163,22 +163,7 @@ def test_sft_rows_load_with_datasets(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# End to end with a tiny random-weight Llama
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(common.resolve_model("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
+# End to end with a tiny random-weight Llama (conftest.tiny_model_path)
 
 def write_inputs(tmp_path):
     rows = [good("p1", "rg1", 1), bad("p2", "rg2", 1, gold="738261"), bad("p3", "rg3", 3, gold="918273")]
@@ -197,10 +182,10 @@ def run(ann, out, actor, *extra):
                                     "--n", "2", *extra]))
 
 
-def test_main_end_to_end_and_resume(tmp_path, tiny_llama):
+def test_main_end_to_end_and_resume(tmp_path, tiny_model_path):
     rows, ann = write_inputs(tmp_path)
     out = tmp_path / "out"
-    stats = run(ann, out, tiny_llama)
+    stats = run(ann, out, tiny_model_path)
     critic = common.read_jsonl(out / "critic_sft.jsonl")
     assert [r["id"] for r in critic] == ["p1-rg1-0"] and critic[0]["passthrough"] is True
     assert common.read_jsonl(out / "refine_sft.jsonl") == []
@@ -217,14 +202,14 @@ def test_main_end_to_end_and_resume(tmp_path, tiny_llama):
     data = (out / "refinements.jsonl").read_bytes()
     first_end = data.index(b"\n") + 1
     (out / "refinements.jsonl").write_bytes(data[:first_end + 10])
-    run(ann, out, tiny_llama)
+    run(ann, out, tiny_model_path)
     progress = common.read_jsonl(out / "refinements.jsonl")
     assert sorted(r["id"] for r in progress) == ["p2-rg2-0", "p3-rg3-0"]
     assert {n: (out / n).read_text() for n in before} == before
 
     # other settings on the same progress file are refused, not silently mixed
     with pytest.raises(SystemExit):
-        run(ann, out, tiny_llama, "--n", "3")
+        run(ann, out, tiny_model_path, "--n", "3")
 
 
 def test_main_filter_off_skips_the_actor(tmp_path):
