@@ -1,7 +1,7 @@
 """Stage 1 of AutoMathCritique: flawed reasoning paths for the critic to learn from.
 
 Reads problems (00_prepare_data.py's output, default `data/builtin_train.jsonl`) and writes
-`out/paths.jsonl`, one reasoning path per row (fields in formats.md: id = problem-method-j, steps,
+`out/paths.jsonl`, one reasoning path per row (id = problem-method-j, question, reference, gold_answer, steps,
 answer, is_correct, error_step, error_type, inserter), with three generators from the paper:
 
   rg1  sample the actor from scratch at a high temperature; keep the wrong paths and a share of
@@ -10,6 +10,8 @@ answer, is_correct, error_step, error_type, inserter), with three generators fro
        wrong endings. Known: the first error is at or after step k (error_step = k).
   rg3  rewrite step k with a named mistake, let the actor continue from step k+1; keep only wrong
        endings. Known: location and type (error_step = k, error_type, inserter).
+  reference  (opt-in) the reference solution as a known-correct path, for actors too weak to
+       write correct paths themselves; without it the critic would only ever see "Wrong".
 
 Where the paper is silent we chose:
 - rg1 temperature 1.0: the paper says "high" and its only stated number (rg2) is 1.0.
@@ -42,7 +44,7 @@ import common
 from common import (ResumableWriter, actor_messages, check_solution, is_boxed_style,
                     join_steps, number_steps, read_jsonl, require_fields, split_steps)
 
-METHODS = ("rg1", "rg2", "rg3")
+METHODS = ("rg1", "rg2", "rg3", "reference")
 MISTAKES = {  # type -> what it means, shown to the model inserter
     "calculation error": "the numbers and the operation are right but the result is computed wrongly",
     "wrong operation": "the step uses the wrong operation, for example adds instead of multiplying",
@@ -388,6 +390,21 @@ def collect(ctx, chunk, method, jobs, results):
                              error_type=job.get("type"), inserter=job.get("inserter")))
 
 
+def run_reference(ctx, chunk, seed, desc):
+    """The reference solution as a known-correct path. Opt-in: a weak actor almost never
+    writes a correct path, and a critic that never sees one learns to call everything Wrong.
+    Its style differs from the actor's, so keep it a minority of the data (see stats)."""
+    results = []
+    for p in chunk:
+        counts = new_counts()
+        counts["generated"] += 1
+        steps = [normalize_step(s) for s in p["reference_steps"]]
+        answer, ok = judge(p, steps, counts)
+        rows = [path_row(p, "reference", 0, steps, answer, ok, counts)] if ok else []
+        results.append((rows, counts, {}))
+    return results
+
+
 def run_rg2(ctx, chunk, seed, desc):
     a, results, jobs = ctx.args, [([], new_counts(), {}) for _ in chunk], []
     for pi, p in enumerate(chunk):
@@ -451,7 +468,7 @@ def run_rg3(ctx, chunk, seed, desc):
     return results
 
 
-RUNNERS = {"rg1": run_rg1, "rg2": run_rg2, "rg3": run_rg3}
+RUNNERS = {"rg1": run_rg1, "rg2": run_rg2, "rg3": run_rg3, "reference": run_reference}
 
 # -----------------------------------------------------------------------------
 # Driver: fixed chunks, resumable writers, stats
@@ -536,7 +553,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="data/builtin_train.jsonl", help="problems JSONL from 00_prepare_data.py")
     p.add_argument("--out", default="out/paths.jsonl", help="paths JSONL (a .done sidecar and .stats.json go next to it)")
-    p.add_argument("--methods", default="rg1,rg2,rg3", help="comma list of rg1, rg2, rg3")
+    p.add_argument("--methods", default="rg1,rg2,rg3",
+                   help="comma list of rg1, rg2, rg3 and reference (reference solutions as correct paths)")
     p.add_argument("--limit", type=int, help="use only the first N problems")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="actor model: embedded name, hub id or folder")
     p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"], help="generation backend")

@@ -15,8 +15,12 @@ cd "$(dirname "$0")"
 
 PRESET=${PRESET:-default}
 case $PRESET in
-  tiny)    d=(60 8 4 2 2 1 1 48 8 4 "1,2" 4 96 160) ;;
-  default) d=(2000 200 40 4 4 1 2 400 40 20 "1,2,4" 8 256 384) ;;
+  # The CPU presets turn the N/k filter off (FILTER_K=0) and add the reference solutions as
+  # correct paths: the 135M actor almost never refines correctly (the tiny run kept 1 of 16
+  # flawed critiques at N=2, k=1) nor writes a correct path, which would leave the critic
+  # nothing to learn from. The paper preset applies the filter.
+  tiny)    d=(60 8 4 2 2 0 1 48 8 4 "1,2" 4 96 160) ;;
+  default) d=(2000 200 24 4 4 0 2 200 24 20 "1,2,4" 8 192 384) ;;
   paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
   *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
 esac
@@ -35,6 +39,8 @@ DIFF_SAMPLES=${DIFF_SAMPLES:-${d[11]}} # actor samples per test problem for the 
 ACTOR_TOKENS=${ACTOR_TOKENS:-${d[12]}}
 CRITIC_TOKENS=${CRITIC_TOKENS:-${d[13]}}
 
+if [[ $PRESET == paper ]]; then d_methods=rg1,rg2,rg3; else d_methods=rg1,rg2,rg3,reference; fi
+METHODS=${METHODS:-$d_methods}         # stage 01 path generators
 SOURCE=${SOURCE:-builtin}              # builtin | gsm8k | math
 ACTOR=${ACTOR:-smollm2-135m}           # any HF id or local path
 CRITIC_BASE=${CRITIC_BASE:-$ACTOR}     # the model the critic is fine-tuned from
@@ -75,7 +81,7 @@ stage 00_prepare_data $PY 00_prepare_data.py "${prep[@]}"
 # --- 01-03 AutoMathCritique: flawed paths -> step-level critiques -> keep the helpful ones
 half=$(( (RG_SAMPLES + 1) / 2 ))
 stage 01_generate_errors $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_train.jsonl" \
-  --out "$OUT/paths.jsonl" --actor "$ACTOR" $(nz --limit "$ERR_PROBLEMS") "${common[@]}" \
+  --out "$OUT/paths.jsonl" --actor "$ACTOR" --methods "$METHODS" $(nz --limit "$ERR_PROBLEMS") "${common[@]}" \
   --rg1-samples "$RG_SAMPLES" --rg2-samples "$half" --rg3-samples "$half" \
   --max-new-tokens "$ACTOR_TOKENS"
 stage 02_annotate $PY 02_annotate.py --paths "$OUT/paths.jsonl" --out "$OUT/annotations.jsonl"
@@ -88,7 +94,7 @@ stage 04_train_critic $PY 04_train_critic.py --data "$OUT/critic_sft.jsonl" \
   $(nz --max-train-rows "$TRAIN_ROWS") --max-eval-rows "$EVAL_ROWS" \
   --eval-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
-  --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" $(nz --limit "$TEST_PROBLEMS") \
+  --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" --limit "$TEST_PROBLEMS" \
   --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" \
   --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 

@@ -239,3 +239,14 @@ def test_model_inserter_bookkeeping(tiny_model_path, problems_file, tmp_path):
         assert r["inserter"] == "model" and r["error_type"] in ("calculation error", "unit error")
         assert r["steps"][:k - 1] == refs[r["problem_id"]][:k - 1] and r["steps"][k - 1]
         assert common.split_steps(r["steps"][k - 1]) == [r["steps"][k - 1]]
+
+
+def test_reference_method_adds_one_correct_path_per_problem(tmp_path, problems_file):
+    out = tmp_path / "paths.jsonl"
+    stats = stage.main(stage.parse_args(["--problems", str(problems_file), "--out", str(out),
+                                         "--methods", "reference"]))
+    rows = common.read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"{p['id']}-reference-0" for p in PROBLEMS]
+    assert all(r["is_correct"] and r["error_step"] is None for r in rows)
+    assert [r["steps"] for r in rows] == [p["reference_steps"] for p in PROBLEMS]
+    assert stats["by_method"]["reference"]["correct"] == len(PROBLEMS)
