@@ -288,7 +288,7 @@ def main(args):
     stats = compute_stats(annotations, records, args.k, critic_rows, refine_rows,
                           read_optional_json(paths_stats), read_optional_json(ann_stats), label)
     common.write_json_atomic(out / "filter_stats.json", stats)
-    (out / "filter_stats.md").write_text(stats_markdown(stats), encoding="utf-8")
+    common.write_text_atomic(out / "filter_stats.md", stats_markdown(stats))
     plot_stats(stats, out / "filter_stats.png")
     print(stats_markdown(stats))
     print(f"done in {time.time() - start:.1f}s -> {out}/critic_sft.jsonl, refine_sft.jsonl")

@@ -102,9 +102,9 @@ def write_report(result: dict, out_dir: Path) -> str:
                      f"| {pct(r['acc_on_correct_paths'])} | {pct(r['acc_on_flawed_paths'])} "
                      f"| {r['unparseable']}/{r['n']} |")
     table = "\n".join(lines)
-    (out_dir / "eval.md").write_text(
-        f"Critic final-verdict accuracy on {result['n_eval']} held-out paths "
-        f"({result['n_val_problems']} unseen problems).\n\n{table}\n", encoding="utf-8")
+    common.write_text_atomic(
+        out_dir / "eval.md", f"Critic final-verdict accuracy on {result['n_eval']} held-out paths "
+        f"({result['n_val_problems']} unseen problems).\n\n{table}\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

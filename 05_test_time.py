@@ -241,7 +241,7 @@ def run_processbench(args, critic_name: str) -> dict:
         lines.append(f"| {s} | {m['n']} | {_pct(m['acc_erroneous'])} ({m['n_erroneous']}) | "
                      f"{_pct(m['acc_correct'])} ({m['n_correct']}) | {_pct(m['f1'])} |")
     lines.append(f"| average | {len(rows)} | | | {_pct(metrics['average_f1'])} |")
-    (out / "processbench.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common.write_text_atomic(out / "processbench.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return metrics
 
@@ -437,7 +437,7 @@ def write_markdown(path: Path, m: dict) -> None:
                      f"{_pct(r['agreement'])} |")
     lines += ["", "Percentages. acc: one run of the method (prefix of the sample pool); pass@k / MV@k: "
               "estimates over the whole pool (actor-only, parallel); agreement: share of votes for the winner."]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common.write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot_figures(out: Path, m: dict) -> None:

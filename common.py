@@ -795,12 +795,17 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write-then-rename for reports (markdown, JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ machine's load.
     python bench/bench_generate.py --model Qwen/Qwen2.5-1.5B-Instruct --max-new-tokens 256
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
