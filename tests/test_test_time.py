@@ -9,7 +9,7 @@ import common
 from conftest import load_stage
 
 tt = load_stage("05_test_time")
-FIXTURE = Path(__file__).parent / "fixtures" / "processbench_tiny.jsonl"
+FIXTURE = Path(__file__).parent / "fixtures" / "earliest_error_format_tiny.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # -----------------------------------------------------------------------------
@@ -78,14 +78,14 @@ def test_vote():
 def test_processbench_fixture_per_subset():
     rows, skipped = tt.load_step_labelled([str(FIXTURE)])
     assert skipped == 0 and len(rows) == 6
-    assert [r["subset"] for r in rows] == ["toy_arith"] * 3 + ["toy_word"] * 2 + ["processbench_tiny"]
+    assert [r["subset"] for r in rows] == ["toy_arith"] * 3 + ["toy_word"] * 2 + ["earliest_error_format_tiny"]
     assert [r["label"] for r in rows] == [-1, 1, 0, 2, -1, -1]
     preds = [-1, 1, 2, 2, 0, -1]
     m = tt.processbench_by_subset(rows, preds)
     assert m["subsets"]["toy_arith"]["acc_erroneous"] == pytest.approx(0.5)
     assert m["subsets"]["toy_arith"]["f1"] == pytest.approx(2 / 3)
     assert m["subsets"]["toy_word"]["f1"] == 0.0  # flags the correct solution
-    assert m["subsets"]["processbench_tiny"]["f1"] is None
+    assert m["subsets"]["earliest_error_format_tiny"]["f1"] is None
     assert m["average_f1"] == pytest.approx(1 / 3)
 
 
@@ -250,7 +250,7 @@ def test_processbench_mode_tiny_llama(tmp_path, tiny_model):
     out = tmp_path / "pb"
     m = tt.main(tt.parse_args(["--processbench", str(FIXTURE), "--critic", tiny_model, "--backend", "hf",
                                "--out-dir", str(out), "--critic-max-new-tokens", "8"]))
-    assert set(m["subsets"]) == {"toy_arith", "toy_word", "processbench_tiny"} and m["n"] == 6
+    assert set(m["subsets"]) == {"toy_arith", "toy_word", "earliest_error_format_tiny"} and m["n"] == 6
     assert json.loads((out / "processbench.json").read_text())["subsets"]["toy_word"]["n"] == 2
     assert len(common.read_jsonl(out / "generations" / "processbench.jsonl")) == 6
     assert "| average | 6 |" in (out / "processbench.md").read_text()
