@@ -20,7 +20,7 @@ case $PRESET in
   # flawed critiques at N=2, k=1) nor writes a correct path, which would leave the critic
   # nothing to learn from. The paper preset applies the filter.
   tiny)    d=(60 8 4 2 2 0 1 48 8 4 "1,2" 4 96 160) ;;
-  default) d=(2000 200 24 4 4 0 2 96 24 20 "1,2,4" 8 192 256) ;;
+  default) d=(2000 200 24 4 4 0 1 40 16 20 "1,2,4" 8 192 256) ;;
   paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
   *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
 esac
