@@ -720,8 +720,7 @@ def parse_args(argv=None):
                    help="rules: exact arithmetic checker (offline); model: local LLM; api: OpenAI-compatible server")
     p.add_argument("--annotator-model", default=None,
                    help="model: HF id or folder (default: the embedded model); api: the model name")
-    p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"], help="model: generation backend")
-    p.add_argument("--device", default=None, help="model: cuda / npu / cpu (default: best available)")
+    common.add_backend_args(p)
     p.add_argument("--max-new-tokens", type=int, default=768, help="LLM annotators: critique length limit")
     p.add_argument("--chunk-size", type=int, default=64, help="model: paths per generate call (and per write)")
     p.add_argument("--annotation-retries", type=int, default=2,

@@ -225,8 +225,7 @@ def parse_args(argv=None):
                    help="stage 1 stats (default: paths.stats.json next to --annotations)")
     p.add_argument("--out-dir", default="out", help="where the SFT files, progress and stats go")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="model that refines the paths")
-    p.add_argument("--backend", default="auto", help="auto, hf or vllm")
-    p.add_argument("--device", default=None, help="cuda, npu or cpu (default: best available)")
+    common.add_backend_args(p)
     p.add_argument("--n", type=int, default=4, help="refinements per critique (paper's N)")
     p.add_argument("--k", type=int, default=1,
                    help="keep a critique iff >= k refinements are correct; 0 = filter off")

@@ -186,8 +186,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=int, default=768,
                    help="critique length limit at evaluation (paper: 1536)")
     p.add_argument("--skip-eval", action="store_true", help="train only")
-    p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"], help="generation backend for evaluation")
-    p.add_argument("--device", default=None, help="cuda, npu or cpu (default: the best available)")
+    common.add_backend_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed for the data order and sampling of rows")
     return p.parse_args(argv)
 

@@ -346,6 +346,13 @@ class Engine:
         return self.backend(len(prompts) * n).generate(texts, cfg, desc)
 
 
+def add_backend_args(parser) -> None:
+    """--backend and --device, spelled the same in every stage that generates."""
+    parser.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
+                        help="generation backend (auto: vLLM on GPUs and for big CPU jobs, else HF)")
+    parser.add_argument("--device", default=None, help="cuda, npu or cpu (default: the best available)")
+
+
 _ENGINES: dict[tuple, Engine] = {}
 
 
