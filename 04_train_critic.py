@@ -15,9 +15,13 @@ Where the paper is silent, chosen here:
 - the score: does the critique's "Final verdict" match the path's true correctness? A critique
   with no readable final verdict counts as wrong, and is counted. Two references: the untrained
   base model with the same prompt, and always answering the training split's majority class.
-- CPU defaults (135M model on 2 cores): lr 1e-4, 2 epochs, batch 4 x 2 accumulation. The
+- CPU defaults (135M model on 2 cores): lr 1e-4, 2 epochs, batch 4, no accumulation. The
   paper's 5e-6 suits an 8B model at batch 256 over thousands of steps; it barely moves a 135M
   model in a few dozen steps.
+- --balance (on in run_all's CPU presets) trains on as many correct as flawed paths; the
+  held-out paths keep their natural mix, and the table adds balanced accuracy (the mean of the
+  two per-class accuracies) next to plain accuracy, since always answering "Wrong" already scores
+  the flawed share of the held-out paths.
 
   python 04_train_critic.py                                  # CPU, embedded SmolLM2-135M
   torchrun --nproc_per_node 8 04_train_critic.py --model meta-llama/Meta-Llama-3-8B-Instruct \
@@ -56,12 +60,32 @@ def split_by_problem(rows: list[dict], val_fraction: float) -> tuple[list[dict],
             [r for r in rows if r["problem_id"] in held_out])
 
 
+def sample_train_rows(rows: list[dict], max_rows: int, balance: bool, seed: int) -> list[dict]:
+    """A seeded sample of at most max_rows (0 = no cap).
+
+    With balance, correct and flawed paths get equal shares as far as the rarer class allows:
+    flawed paths outnumber correct ones several times over, and a small critic trained on that
+    mix learns the prior ("Wrong") before it learns to read the steps.
+    """
+    rng = random.Random(seed)
+    if not balance:
+        return rng.sample(rows, max_rows) if 0 < max_rows < len(rows) else rows
+    correct = [r for r in rows if r["is_correct"]]
+    flawed = [r for r in rows if not r["is_correct"]]
+    per_class = min(len(correct), len(flawed))
+    if max_rows:
+        per_class = min(per_class, max_rows // 2)
+    picked = rng.sample(correct, per_class) + rng.sample(flawed, per_class)
+    rng.shuffle(picked)
+    return picked
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: the final verdict against the truth
 
 
 def critique_rows(engine, rows: list[dict], tag: str, max_new_tokens: int, writer,
-                  chunk: int = 32) -> list[dict]:
+                  chunk: int = 64) -> list[dict]:
     """Greedy critiques of the held-out paths; written as they come, so a rerun resumes."""
     todo = [r for r in rows if f"{tag}|{r['id']}" not in writer]
     for b in range(0, len(todo), chunk):
@@ -86,8 +110,11 @@ def score(predictions: list[bool | None], truth: list[bool]) -> dict:
         sel = [h for h, t in zip(hits, truth) if t == cls]
         return sum(sel) / len(sel) if sel else None
 
+    per_class = [a for a in (acc_on(True), acc_on(False)) if a is not None]
     return {"n": len(hits), "correct": sum(hits), "accuracy": acc, "ci95": [lo, hi],
             "acc_on_correct_paths": acc_on(True), "acc_on_flawed_paths": acc_on(False),
+            # The mean of the two per-class accuracies: always answering one class scores 50%.
+            "balanced_accuracy": sum(per_class) / len(per_class) if per_class else None,
             "unparseable": sum(p is None for p in predictions)}
 
 
@@ -96,11 +123,11 @@ def write_report(result: dict, out_dir: Path) -> str:
         return "-" if x is None else f"{100 * x:.1f}"
 
     lines = ["| verdicts from | accuracy % [95% CI] | on correct paths % | on flawed paths % "
-             "| unparseable |", "|---|---|---|---|---|"]
+             "| balanced accuracy % | unparseable |", "|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
         lines.append(f"| {name} | {pct(r['accuracy'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] "
                      f"| {pct(r['acc_on_correct_paths'])} | {pct(r['acc_on_flawed_paths'])} "
-                     f"| {r['unparseable']}/{r['n']} |")
+                     f"| {pct(r['balanced_accuracy'])} | {r['unparseable']}/{r['n']} |")
     table = "\n".join(lines)
     common.write_text_atomic(
         out_dir / "eval.md", f"Critic final-verdict accuracy on {result['n_eval']} held-out paths "
@@ -139,11 +166,16 @@ def evaluate(args, critic_path: str, train: list[dict], val: list[dict]) -> dict
                                 ("base model", args.model, base_tag)]:
             # A fresh engine each, freed after use: two big models need not share the memory.
             engine = common.Engine(path, args.backend, args.device)
+            todo = sum(f"{tag}|{r['id']}" not in writer for r in rows)
+            if todo:  # let backend "auto" size itself on the whole job, not on one chunk
+                engine.backend(todo, args.eval_max_new_tokens)
             gens = critique_rows(engine, rows, tag, args.eval_max_new_tokens, writer)
+            engine.close()
             del engine
             gc.collect()
             results[name] = score([g["final_correct"] for g in gens], truth)
             results[name]["well_formed"] = sum(g["well_formed"] for g in gens)
+    # The majority class of all training rows, before any balancing: the stronger baseline.
     n_true = sum(bool(r["is_correct"]) for r in train)
     majority = n_true > len(train) - n_true  # a tie answers Wrong
     results[f"majority class ({'Correct' if majority else 'Wrong'})"] = score([majority] * len(rows), truth)
@@ -169,7 +201,7 @@ def parse_args(argv=None):
                    help="peak learning rate, cosine decay, no warmup (paper: 5e-6 for 8B at global "
                         "batch 256; 1e-4 is what moves a 135M model in a few CPU steps)")
     p.add_argument("--batch-size", type=int, default=4, help="per-device batch size")
-    p.add_argument("--grad-accum", type=int, default=2,
+    p.add_argument("--grad-accum", type=int, default=1,
                    help="gradient accumulation steps (paper: global batch 256 = batch x accum x GPUs)")
     p.add_argument("--max-length", type=int, default=4096,
                    help="longer examples are dropped and counted, never truncated (paper: 4096)")
@@ -180,6 +212,9 @@ def parse_args(argv=None):
                    help="recompute activations in backward (needed for 8B at length 4096)")
     p.add_argument("--max-train-rows", type=int, default=0,
                    help="train on at most this many rows (a seeded sample; 0 = all)")
+    p.add_argument("--balance", action="store_true",
+                   help="train on equal numbers of correct and flawed paths (as far as the rarer "
+                        "class allows); the evaluation keeps the held-out mix as it is")
     p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
     p.add_argument("--max-eval-rows", type=int, default=200,
                    help="critique at most this many held-out paths (a fixed hash-ordered subset; 0 = all)")
@@ -194,10 +229,11 @@ def parse_args(argv=None):
 def main(args):
     rows = common.read_jsonl(args.data)
     common.require_fields(rows, ["id", "messages", "problem_id", "is_correct"], args.data)
-    train, val = split_by_problem(rows, args.val_fraction)
-    if args.max_train_rows and len(train) > args.max_train_rows:
-        train = random.Random(args.seed).sample(train, args.max_train_rows)
-    print(f"[04] {len(train)} training rows, {len(val)} held-out rows "
+    train_all, val = split_by_problem(rows, args.val_fraction)
+    train = sample_train_rows(train_all, args.max_train_rows, args.balance, args.seed)
+    n_correct = sum(bool(r["is_correct"]) for r in train)
+    print(f"[04] {len(train)} training rows ({n_correct} correct / {len(train) - n_correct} flawed "
+          f"paths, of {len(train_all)}), {len(val)} held-out rows "
           f"({len({r['problem_id'] for r in val})} problems)")
 
     critic = common.sft_train(
@@ -219,7 +255,9 @@ def main(args):
     if args.skip_eval or not val:
         print("[04] no evaluation (--skip-eval or no held-out problems)")
         return
-    result = evaluate(args, critic, train, val)
+    result = evaluate(args, critic, train_all, val)
+    result["n_train_rows_used"] = len(train)
+    result["train_share_correct_paths_used"] = n_correct / len(train)
     result["training"] = {k: done[k] for k in ["config", "train_examples", "dropped_too_long",
                                               "global_step", "train_loss", "eval_loss_by_epoch"]}
     result["training"]["train_runtime_s"] = done["metrics"].get("train_runtime")

@@ -6,8 +6,9 @@ actor and a critic on it. Writes under `--out-dir` (default out/test_time):
   generations/{samples,critiques,refinements}.jsonl  raw model text keyed by id (the resume cache;
                                                      metrics are always recomputed from it)
   metrics.json, metrics.md, by_difficulty.png, scaling.png, per_problem.jsonl (answers, verdicts, bin)
-With `--processbench FILE...` it only runs the critic on step-labelled solutions and writes
-generations/processbench.jsonl, processbench.json and processbench.md.
+With `--processbench FILE...` the critic also judges step-labelled solutions (generations/
+processbench.jsonl, processbench.json, processbench.md and a section of metrics.md);
+`--processbench-only` runs just that.
 
 What is measured (paper, "Test time"):
 1. Discrimination: the critic (no gold answer) judges the first max(K) actor samples of every
@@ -38,7 +39,7 @@ Choices where the paper is silent:
   are exchangeable (actor-only, parallel); sequential rounds are ordered, so they use prefixes.
 
     python 05_test_time.py --limit 20
-    python 05_test_time.py --processbench path/to/gsm8k.jsonl path/to/math.jsonl --critic out/critic
+    python 05_test_time.py --processbench-only --processbench path/to/gsm8k.jsonl path/to/math.jsonl
     python 05_test_time.py --actor meta-llama/Meta-Llama-3-8B-Instruct --critic out/critic \\
         --backend vllm --limit 0 --k-values 1,2,4,8,16,32 --difficulty-samples 32 \\
         --actor-max-new-tokens 1024 --critic-max-new-tokens 1536
@@ -231,19 +232,24 @@ def run_processbench(args, critic_name: str) -> dict:
     metrics = {"critic": critic_name, "files": [Path(p).name for p in args.processbench],
                **processbench_by_subset(rows, preds), "n": len(rows),
                "skipped_unlabelled": skipped, "malformed_critiques": malformed}
-    subsets = metrics["subsets"]
     common.write_json_atomic(out / "processbench.json", metrics)
-    lines = ["# ProcessBench-style step-level discrimination", "",
-             f"critic `{critic_name}`; {len(rows)} solutions, {malformed} malformed critiques, "
-             f"{skipped} rows skipped (no exact error step)", "",
-             "| subset | n | erroneous acc | correct acc | F1 |", "|---|---|---|---|---|"]
-    for s, m in subsets.items():
-        lines.append(f"| {s} | {m['n']} | {_pct(m['acc_erroneous'])} ({m['n_erroneous']}) | "
-                     f"{_pct(m['acc_correct'])} ({m['n_correct']}) | {_pct(m['f1'])} |")
-    lines.append(f"| average | {len(rows)} | | | {_pct(metrics['average_f1'])} |")
+    lines = ["# ProcessBench-style step-level discrimination", "", *processbench_table(metrics)]
     common.write_text_atomic(out / "processbench.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return metrics
+
+
+def processbench_table(m: dict) -> list[str]:
+    lines = [f"critic `{m['critic']}` on {', '.join(m['files'])}: {m['n']} solutions, "
+             f"{m['malformed_critiques']} malformed critiques, {m['skipped_unlabelled']} rows skipped "
+             "(no exact error step). Prediction = the first step marked Wrong; F1 = harmonic mean of "
+             "the accuracies on erroneous and on correct solutions.", "",
+             "| subset | n | erroneous acc | correct acc | F1 |", "|---|---|---|---|---|"]
+    for s, sub in m["subsets"].items():
+        lines.append(f"| {s} | {sub['n']} | {_pct(sub['acc_erroneous'])} ({sub['n_erroneous']}) | "
+                     f"{_pct(sub['acc_correct'])} ({sub['n_correct']}) | {_pct(sub['f1'])} |")
+    lines.append(f"| average | {m['n']} | | | {_pct(m['average_f1'])} |")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -312,7 +318,8 @@ def generate_all(args, problems, critic_name, pool, kmax) -> dict:
             for pid, j in round_chains(list(by_id), r, kmax) for kind, w in (("crit", cw), ("ref", rw)))
         if todo:
             print(f"{todo} generations to do")
-            actor.backend(todo), critic.backend(todo)
+            actor.backend(todo, args.actor_max_new_tokens)
+            critic.backend(todo, args.critic_max_new_tokens)
         jobs = [(sample_ids[pid], common.actor_messages(p["question"], boxed[pid])) for pid, p in by_id.items()]
         text = cached_generate(actor, sw, jobs, args.chunk_size, "actor samples", args.seed, **acting)
         for r in range(1, kmax + 1):
@@ -437,6 +444,9 @@ def write_markdown(path: Path, m: dict) -> None:
                      f"{_pct(r['agreement'])} |")
     lines += ["", "Percentages. acc: one run of the method (prefix of the sample pool); pass@k / MV@k: "
               "estimates over the whole pool (actor-only, parallel); agreement: share of votes for the winner."]
+    if m.get("step_level"):
+        lines += ["", "## Step-level discrimination (ProcessBench protocol)", "",
+                  *processbench_table(m["step_level"])]
     common.write_text_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -483,7 +493,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="data/builtin_test.jsonl", help="test split in the stage-0 schema")
     p.add_argument("--processbench", nargs="+", help="step-labelled JSONL file(s) (ProcessBench rows or "
-                   "out/paths.jsonl); runs only the step-level critic evaluation")
+                   "stage-1 paths.jsonl): adds the step-level critic evaluation to the run")
+    p.add_argument("--processbench-only", action="store_true",
+                   help="run only the step-level evaluation of --processbench (no actor sampling)")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="actor model: embedded name, hub id or folder")
     p.add_argument("--critic", help="critic model (default: out/critic if it exists, else the embedded model)")
     common.add_backend_args(p)
@@ -504,7 +516,9 @@ def parse_args(argv=None):
 def main(args):
     start = time.time()
     critic_name = pick_critic(args.critic)
-    if args.processbench:
+    if args.processbench_only:
+        if not args.processbench:
+            raise SystemExit("--processbench-only needs --processbench FILE...")
         return run_processbench(args, critic_name)
     ks = sorted({int(k) for k in args.k_values.split(",")})
     if ks[0] < 1:
@@ -522,6 +536,8 @@ def main(args):
                     "temperature": args.temperature, "actor_max_new_tokens": args.actor_max_new_tokens,
                     "critic_max_new_tokens": args.critic_max_new_tokens, "seed": args.seed},
          **summarize(per, ks, kmax, pool), "critique_parse": crit_stats}
+    if args.processbench:  # after the main phases, so backend "auto" was sized on their work
+        m["step_level"] = run_processbench(args, critic_name)
     m["wall_s"] = round(time.time() - start, 1)
     out = Path(args.out_dir)
     bins = difficulty_bins([q["pass_rate"] for q in per])

@@ -9,6 +9,7 @@ inside the functions that need them so `import common` stays cheap for tests and
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -281,9 +282,12 @@ def render_chat(tokenizer, prompt, prefix: str = "") -> str:
 
 class Engine:
     """A model ready to sample from. The backend is created on first use, so `auto` can pick
-    vLLM only when the first job is big enough to repay its ~20-30 s start on a CPU."""
+    vLLM only when the first job is big enough to repay its ~1 min start on a CPU."""
 
-    VLLM_CPU_MIN_SEQUENCES = 256
+    # Measured on 2 CPU cores (bench/bench_generate.py): vLLM ~1.7x the tokens/s of batched HF
+    # after a ~50 s start, and far more when batches mix short and long outputs (HF decodes a
+    # batch until its longest member stops). Jobs are sized by their token budget.
+    VLLM_CPU_MIN_TOKENS = 8192
 
     def __init__(self, model: str = DEFAULT_MODEL, backend: str = "auto", device: str | None = None,
                  dtype: str | None = None, trust_remote_code: bool = False,
@@ -297,18 +301,20 @@ class Engine:
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self._backend = None
 
-    def _choose_backend(self, n_sequences: int) -> str:
+    def _choose_backend(self, n_sequences: int, max_new_tokens: int) -> str:
         if self.backend_name != "auto":
             return self.backend_name
         if not vllm_available() or self.device.startswith("npu"):
             return "hf"
         if self.device.startswith("cuda"):
             return "vllm"
-        return "vllm" if n_sequences >= self.VLLM_CPU_MIN_SEQUENCES else "hf"
+        return "vllm" if n_sequences * max_new_tokens >= self.VLLM_CPU_MIN_TOKENS else "hf"
 
-    def backend(self, n_sequences: int = 1):
+    def backend(self, n_sequences: int = 1, max_new_tokens: int = 1):
+        """The backend, created on the first call; `auto` sizes it on this call's job, so a stage
+        can call it first with its whole remaining work (sequences x token budget)."""
         if self._backend is None:
-            name = self._choose_backend(n_sequences)
+            name = self._choose_backend(n_sequences, max_new_tokens)
             if name == "vllm":
                 self._backend = VLLMBackend(self.path, self.device, self.dtype,
                                             self.trust_remote_code, self.max_model_len)
@@ -343,7 +349,7 @@ class Engine:
         texts = [self.render(p, pre) for p, pre in zip(prompts, prefixes)]
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, stop=list(stop or []), seed=seed)
-        return self.backend(len(prompts) * n).generate(texts, cfg, desc)
+        return self.backend(len(prompts) * n, max_new_tokens).generate(texts, cfg, desc)
 
 
 def add_backend_args(parser) -> None:
@@ -1001,6 +1007,14 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
         logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
         deepspeed=deepspeed)
+    # Batches of similar lengths: critiques run from 300 to 1000+ tokens, and padding a random
+    # batch to its longest member wastes about a third of every step (the option's name changed
+    # in transformers 5).
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in known:
+        targs["train_sampling_strategy"] = "group_by_length"
+    elif "group_by_length" in known:
+        targs["group_by_length"] = True
     targs.update(extra_args or {})
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained shard on load.
     args = TrainingArguments(**targs)

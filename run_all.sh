@@ -20,7 +20,7 @@ case $PRESET in
   # flawed critiques at N=2, k=1) nor writes a correct path, which would leave the critic
   # nothing to learn from. The paper preset applies the filter.
   tiny)    d=(60 8 4 2 2 0 1 48 8 4 "1,2" 4 96 160) ;;
-  default) d=(2000 200 24 4 4 0 1 40 16 20 "1,2,4" 8 192 256) ;;
+  default) d=(2000 200 24 4 4 0 2 40 0 20 "1,2,4" 8 192 384) ;;
   paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
   *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
 esac
@@ -32,7 +32,7 @@ FILTER_N=${FILTER_N:-${d[4]}}          # stage 03: refinements per critique ...
 FILTER_K=${FILTER_K:-${d[5]}}          # ... of which at least K must be right (0 = filter off)
 EPOCHS=${EPOCHS:-${d[6]}}
 TRAIN_ROWS=${TRAIN_ROWS:-${d[7]}}      # cap on critic SFT rows (0 = all)
-EVAL_ROWS=${EVAL_ROWS:-${d[8]}}        # held-out critiques the trained critic is scored on
+EVAL_ROWS=${EVAL_ROWS:-${d[8]}}        # held-out critiques the trained critic is scored on (0 = all)
 TEST_PROBLEMS=${TEST_PROBLEMS:-${d[9]}}
 K_VALUES=${K_VALUES:-${d[10]}}
 DIFF_SAMPLES=${DIFF_SAMPLES:-${d[11]}} # actor samples per test problem for the difficulty bins
@@ -47,6 +47,9 @@ CRITIC_BASE=${CRITIC_BASE:-$ACTOR}     # the model the critic is fine-tuned from
 BACKEND=${BACKEND:-auto}               # auto | hf | vllm
 DEVICE=${DEVICE:-}                     # cuda | npu | cpu (empty: best available)
 LR=${LR:-1e-4}                         # 1e-4 suits a 135M model on a few hundred rows; paper: 5e-6
+if [[ $PRESET == paper ]]; then d_val=0.1 d_bal=0; else d_val=0.25 d_bal=1; fi
+VAL_FRACTION=${VAL_FRACTION:-$d_val}   # share of problems whose paths the critic never sees
+BALANCE=${BALANCE:-$d_bal}             # 1: train the critic on as many correct as flawed paths
 OUT=${OUT:-out/$PRESET}
 DATA=${DATA:-$OUT/data}
 PY=${PY:-.venv/bin/python}
@@ -89,13 +92,19 @@ stage 03_filter $PY 03_filter.py --annotations "$OUT/annotations.jsonl" --out-di
   --actor "$ACTOR" --n "$FILTER_N" --k "$FILTER_K" --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
 
 # --- 04 critic training, 05 the critic at test time
+balance=(); [[ $BALANCE == 1 ]] && balance=(--balance)
 stage 04_train_critic $PY 04_train_critic.py --data "$OUT/critic_sft.jsonl" \
   --model "$CRITIC_BASE" --output-dir "$OUT/critic" --epochs "$EPOCHS" --lr "$LR" \
-  $(nz --max-train-rows "$TRAIN_ROWS") --max-eval-rows "$EVAL_ROWS" \
-  --eval-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
+  --val-fraction "$VAL_FRACTION" "${balance[@]}" $(nz --max-train-rows "$TRAIN_ROWS") \
+  --max-eval-rows "$EVAL_ROWS" --eval-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
+# Step-labelled paths on test problems (inserted mistakes at known steps + reference solutions)
+# for 05's ProcessBench-style score: the critic has never seen these problems.
+stage 05_test_paths $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_test.jsonl" \
+  --out "$OUT/test_paths.jsonl" --actor "$ACTOR" --methods rg3,reference $(nz --limit "$TEST_PROBLEMS") \
+  --rg3-samples 1 --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
 stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" --limit "$TEST_PROBLEMS" \
-  --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" \
+  --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" --processbench "$OUT/test_paths.jsonl" \
   --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 
 echo "== all stages done; results in $OUT (filter_stats.md, critic/eval.json, test_time/metrics.md)"

@@ -56,12 +56,13 @@ def test_auto_backend_rule(tiny_engine, monkeypatch):
     e = common.Engine.__new__(common.Engine)
     e.backend_name, e.device = "auto", "cpu"
     monkeypatch.setattr(common, "vllm_available", lambda: True)
-    assert e._choose_backend(10) == "hf"
-    assert e._choose_backend(10_000) == "vllm"
+    assert e._choose_backend(10, 512) == "hf"  # a token budget below the start cost
+    assert e._choose_backend(64, 256) == "vllm"
+    assert e._choose_backend(100, 32) == "hf"  # many but short: HF is done before vLLM starts
     e.device = "cuda"
-    assert e._choose_backend(1) == "vllm"
+    assert e._choose_backend(1, 1) == "vllm"
     monkeypatch.setattr(common, "vllm_available", lambda: False)
-    assert e._choose_backend(10_000) == "hf"
+    assert e._choose_backend(10_000, 512) == "hf"
 
 
 def test_embedded_model_loads_from_safetensors_cache(embedded_model_path):

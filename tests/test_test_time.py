@@ -129,7 +129,7 @@ class ScriptedEngine:
     def __init__(self):
         self.calls = 0
 
-    def backend(self, n_sequences=1):
+    def backend(self, n_sequences=1, max_new_tokens=1):
         return self
 
     def generate(self, prompts, n=1, **kw):
@@ -210,11 +210,14 @@ def test_end_to_end_tiny_llama_and_resume(tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "out"
     argv = ["--problems", _problems(tmp_path / "p.jsonl"), "--actor", tiny_model, "--critic", tiny_model,
             "--backend", "hf", "--out-dir", str(out), "--k-values", "1,2", "--difficulty-samples", "2",
-            "--actor-max-new-tokens", "8", "--critic-max-new-tokens", "8"]
+            "--actor-max-new-tokens", "8", "--critic-max-new-tokens", "8", "--processbench", str(FIXTURE)]
     m = tt.main(tt.parse_args(argv))
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("config", "discrimination", "critique_refine", "scaling", "critique_parse", "wall_s"):
+    for key in ("config", "discrimination", "critique_refine", "scaling", "critique_parse", "wall_s",
+                "step_level"):
         assert key in saved
+    assert saved["step_level"]["n"] == 6
+    assert "## Step-level discrimination" in (out / "metrics.md").read_text()
     assert saved["config"]["pool"] == 6 and saved["discrimination"]["n"] == 3 * 2
     assert [(r["method"], r["K"], r["budget"]) for r in saved["scaling"]["rows"]][:4] == \
         [("actor", 1, 3), ("parallel", 1, 3), ("sequential", 1, 3), ("sequential-last", 1, 3)]
@@ -248,8 +251,8 @@ def test_end_to_end_tiny_llama_and_resume(tmp_path, tiny_model, monkeypatch):
 
 def test_processbench_mode_tiny_llama(tmp_path, tiny_model):
     out = tmp_path / "pb"
-    m = tt.main(tt.parse_args(["--processbench", str(FIXTURE), "--critic", tiny_model, "--backend", "hf",
-                               "--out-dir", str(out), "--critic-max-new-tokens", "8"]))
+    m = tt.main(tt.parse_args(["--processbench-only", "--processbench", str(FIXTURE), "--critic", tiny_model,
+                               "--backend", "hf", "--out-dir", str(out), "--critic-max-new-tokens", "8"]))
     assert set(m["subsets"]) == {"toy_arith", "toy_word", "earliest_error_format_tiny"} and m["n"] == 6
     assert json.loads((out / "processbench.json").read_text())["subsets"]["toy_word"]["n"] == 2
     assert len(common.read_jsonl(out / "generations" / "processbench.jsonl")) == 6

@@ -235,3 +235,23 @@ def test_stage04_end_to_end(tiny_model, tmp_path):
     assert result["rows"]["majority class (Wrong)"]["accuracy"] == 0.5
     assert (out / "eval.md").exists() and (out / "eval.png").exists()
     assert len(common.read_jsonl(out / "eval_generations.jsonl")) == 12
+
+
+def test_balanced_sample_and_balanced_accuracy():
+    stage = load_stage("04_train_critic")
+    rows = [{"id": i, "is_correct": i < 3} for i in range(20)]  # 3 correct, 17 flawed
+    picked = stage.sample_train_rows(rows, 0, balance=True, seed=0)
+    assert sorted(r["is_correct"] for r in picked) == [False] * 3 + [True] * 3
+    picked = stage.sample_train_rows(rows, 4, balance=True, seed=0)
+    assert sorted(r["is_correct"] for r in picked) == [False, False, True, True]
+    assert len({r["id"] for r in stage.sample_train_rows(rows, 10, balance=False, seed=0)}) == 10
+    assert stage.sample_train_rows(rows, 0, balance=False, seed=0) == rows
+    assert stage.sample_train_rows(rows, 6, True, 1) == stage.sample_train_rows(rows, 6, True, 1)
+
+    # truth: 2 correct, 6 wrong paths; None = no readable verdict, always a miss
+    truth = [True, True] + [False] * 6
+    always_wrong = stage.score([False] * 8, truth)
+    assert always_wrong["accuracy"] == 0.75 and always_wrong["balanced_accuracy"] == 0.5
+    mixed = stage.score([True, None, False, False, False, True, None, False], truth)
+    assert mixed["acc_on_correct_paths"] == 0.5 and mixed["acc_on_flawed_paths"] == 4 / 6
+    assert mixed["balanced_accuracy"] == (0.5 + 4 / 6) / 2 and mixed["unparseable"] == 2
