@@ -16,9 +16,9 @@ What is measured (paper, "Test time"):
    Step level: ProcessBench rows {"id", "problem", "steps", "label" (0-based earliest wrong step,
    -1 if none)} or stage-1 `out/paths.jsonl` rows (rg3: label = error_step - 1; a correct rg1/rg2
    path: -1; wrong rg1/rg2 paths have no exact label and are skipped). The prediction is the
-   first step the critic marks Wrong (-1 if none). Per subset ("subset" field, else "method" for
-   paths rows, else the file stem): accuracy on erroneous and on correct samples, F1 = their
-   harmonic mean, and the average F1 over subsets (the ProcessBench protocol).
+   first step the critic marks Wrong (-1 if none). Per subset ("subset" field, else the file
+   stem): accuracy on erroneous and on correct samples, F1 = their harmonic mean, and the
+   average F1 over subsets (the ProcessBench protocol).
 2. Critique -> refine: sample 0 of each problem is critiqued and refined once, the refinement's
    answer replaces the original; the oracle replaces only originally wrong answers (upper bound).
    Broken down by difficulty bins from the actor's pass rate over its first --difficulty-samples.
@@ -192,7 +192,8 @@ def load_step_labelled(paths: list[str]) -> tuple[list[dict], int]:
                 else:
                     skipped += 1  # a wrong rg1/rg2 path: the earliest error is not known exactly
                     continue
-                subset = row.get("subset") or row.get("method") or Path(path).stem
+                # one subset per file: like ProcessBench's, it holds erroneous and correct rows
+                subset = row.get("subset") or Path(path).stem
             else:
                 raise ValueError(f"{where}: needs 'label' (ProcessBench) or 'error_step' (paths.jsonl)")
             question, steps = row.get("problem", row.get("question")), row.get("steps")
@@ -302,6 +303,7 @@ def generate_all(args, problems, critic_name, pool, kmax) -> dict:
     gen_dir = Path(args.out_dir) / "generations"
     check_cache_config(gen_dir / "config.json", {
         "actor": args.actor, "critic": critic_name, "temperature": args.temperature, "seed": args.seed,
+        "fewshot": args.fewshot, "fewshot_pool": Path(args.fewshot_pool).name if args.fewshot else None,
         "actor_max_new_tokens": args.actor_max_new_tokens, "critic_max_new_tokens": args.critic_max_new_tokens})
     actor = common.get_engine(args.actor, args.backend, args.device)
     critic = common.get_engine(critic_name, args.backend, args.device)  # the same engine if same model
@@ -320,7 +322,10 @@ def generate_all(args, problems, critic_name, pool, kmax) -> dict:
             print(f"{todo} generations to do")
             actor.backend(todo, args.actor_max_new_tokens)
             critic.backend(todo, args.critic_max_new_tokens)
-        jobs = [(sample_ids[pid], common.actor_messages(p["question"], boxed[pid])) for pid, p in by_id.items()]
+        shots = common.read_jsonl(args.fewshot_pool) if args.fewshot else []
+        jobs = [(sample_ids[pid], common.actor_messages(
+            p["question"], boxed[pid], common.fewshot_examples(shots, args.fewshot, pid, args.seed)))
+            for pid, p in by_id.items()]
         text = cached_generate(actor, sw, jobs, args.chunk_size, "actor samples", args.seed, **acting)
         for r in range(1, kmax + 1):
             chains = round_chains(list(by_id), r, kmax)
@@ -502,9 +507,14 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=20, help="use the first N problems (0 = all)")
     p.add_argument("--out-dir", default="out/test_time", help="where metrics, figures and generations go")
     p.add_argument("--temperature", type=float, default=0.7, help="actor sampling temperature (paper: 0.7)")
+    p.add_argument("--fewshot", type=int, default=1, help="worked examples in the actor's solve prompt")
+    p.add_argument("--fewshot-pool", default="data/builtin_train.jsonl",
+                   help="where few-shot examples come from (a train split, never the test set)")
     p.add_argument("--actor-max-new-tokens", type=int, default=256, help="actor budget per solution (paper: 1024)")
     p.add_argument("--critic-max-new-tokens", type=int, default=384, help="critic budget per critique (paper: 1536)")
-    p.add_argument("--k-values", default="1,2,4", help="comma-separated K for the equal-budget comparison")
+    p.add_argument("--k-values", default="1,2", help="comma-separated K for the equal-budget comparison "
+                   "(1,2 keeps a 2-core CPU run of 20 problems under 10 minutes; K=4 adds 6 sequential "
+                   "rounds there)")
     p.add_argument("--difficulty-samples", type=int, default=8,
                    help="actor samples per problem whose pass rate sets the difficulty bin")
     p.add_argument("--chunk-size", type=int, default=2048,

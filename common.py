@@ -699,7 +699,8 @@ def accuracy_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float, 
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # clamped to contain p: at 0/n or n/n float rounding would leave it a hair outside
+    return p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ case $PRESET in
   # flawed critiques at N=2, k=1) nor writes a correct path, which would leave the critic
   # nothing to learn from. The paper preset applies the filter.
   tiny)    d=(60 8 4 2 2 0 1 48 8 4 "1,2" 4 96 160) ;;
-  default) d=(2000 200 24 4 4 0 2 40 0 20 "1,2,4" 8 192 384) ;;
+  default) d=(2000 200 24 4 4 0 2 40 0 20 "1,2" 8 192 384) ;;
   paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
   *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
 esac
@@ -105,6 +105,7 @@ stage 05_test_paths $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_test.j
 stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" --limit "$TEST_PROBLEMS" \
   --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" --processbench "$OUT/test_paths.jsonl" \
+  --fewshot-pool "$DATA/${SOURCE}_train.jsonl" \
   --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 
 echo "== all stages done; results in $OUT (filter_stats.md, critic/eval.json, test_time/metrics.md)"

@@ -98,7 +98,7 @@ def test_paths_rows_as_step_labels(tmp_path):
     common.write_jsonl_atomic(path, rows)
     got, skipped = tt.load_step_labelled([str(path)])
     assert skipped == 1  # the wrong rg2 path has no exact earliest error
-    assert [(r["subset"], r["label"]) for r in got] == [("rg3", 1), ("rg1", -1)]
+    assert [(r["subset"], r["label"]) for r in got] == [("paths", 1), ("paths", -1)]
     path.write_text('{"id": "x", "problem": "q", "steps": ["a"]}\n')
     with pytest.raises(ValueError, match="paths.jsonl: row 1"):
         tt.load_step_labelled([str(path)])
@@ -156,8 +156,8 @@ class ScriptedEngine:
 def test_pipeline_metrics_by_hand(tmp_path, monkeypatch):
     engine = ScriptedEngine()
     monkeypatch.setattr(common, "get_engine", lambda *a, **k: engine)
-    args = tt.parse_args(["--problems", _problems(tmp_path / "p.jsonl"), "--out-dir", str(tmp_path / "out"),
-                          "--critic", "scripted", "--k-values", "1,2", "--difficulty-samples", "2"])
+    args = tt.parse_args(["--problems", _problems(tmp_path / "p.jsonl"), "--fewshot", "0",
+                          "--out-dir", str(tmp_path / "out"), "--critic", "scripted", "--k-values", "1,2", "--difficulty-samples", "2"])
     m = tt.main(args)
     d = m["discrimination"]  # kites 2x Correct (right), melons 5 Wrong + 12 Correct, stamps 2x no verdict
     assert (d["tp"], d["fp"], d["tn"], d["fn"], d["unparseable"]) == (1, 0, 3, 2, 2)
@@ -208,7 +208,8 @@ def _snapshot(gen_dir: Path) -> dict:
 
 def test_end_to_end_tiny_llama_and_resume(tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "out"
-    argv = ["--problems", _problems(tmp_path / "p.jsonl"), "--actor", tiny_model, "--critic", tiny_model,
+    problems = _problems(tmp_path / "p.jsonl")  # also the few-shot pool: a problem never shows itself
+    argv = ["--problems", problems, "--fewshot-pool", problems, "--actor", tiny_model, "--critic", tiny_model,
             "--backend", "hf", "--out-dir", str(out), "--k-values", "1,2", "--difficulty-samples", "2",
             "--actor-max-new-tokens", "8", "--critic-max-new-tokens", "8", "--processbench", str(FIXTURE)]
     m = tt.main(tt.parse_args(argv))

@@ -54,3 +54,7 @@ def test_accuracy_ci_wilson():
     p, lo, hi = common.accuracy_ci(0, 20)
     assert p == 0.0 and lo == 0.0 and 0.1 < hi < 0.2
     assert common.accuracy_ci(0, 0) == (0.0, 0.0, 0.0)
+    for n in range(1, 200):  # the interval always contains p, even at 0/n and n/n
+        for k in (0, n):
+            p, lo, hi = common.accuracy_ci(k, n)
+            assert lo <= p <= hi
