@@ -323,9 +323,8 @@ def generate_all(args, problems, critic_name, pool, kmax) -> dict:
             actor.backend(todo, args.actor_max_new_tokens)
             critic.backend(todo, args.critic_max_new_tokens)
         shots = common.read_jsonl(args.fewshot_pool) if args.fewshot else []
-        jobs = [(sample_ids[pid], common.actor_messages(
-            p["question"], boxed[pid], common.fewshot_examples(shots, args.fewshot, pid, args.seed)))
-            for pid, p in by_id.items()]
+        jobs = [(sample_ids[pid], common.solve_messages(p, shots, args.fewshot, args.seed))
+                for pid, p in by_id.items()]
         text = cached_generate(actor, sw, jobs, args.chunk_size, "actor samples", args.seed, **acting)
         for r in range(1, kmax + 1):
             chains = round_chains(list(by_id), r, kmax)
@@ -507,9 +506,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=20, help="use the first N problems (0 = all)")
     p.add_argument("--out-dir", default="out/test_time", help="where metrics, figures and generations go")
     p.add_argument("--temperature", type=float, default=0.7, help="actor sampling temperature (paper: 0.7)")
-    p.add_argument("--fewshot", type=int, default=1, help="worked examples in the actor's solve prompt")
-    p.add_argument("--fewshot-pool", default="data/builtin_train.jsonl",
-                   help="where few-shot examples come from (a train split, never the test set)")
+    common.add_fewshot_args(p)
     p.add_argument("--actor-max-new-tokens", type=int, default=256, help="actor budget per solution (paper: 1024)")
     p.add_argument("--critic-max-new-tokens", type=int, default=384, help="critic budget per critique (paper: 1536)")
     p.add_argument("--k-values", default="1,2", help="comma-separated K for the equal-budget comparison "

@@ -414,6 +414,19 @@ def fewshot_examples(pool: list[dict], k: int, exclude_id: str | None = None,
     return random.Random(f"{seed}:{exclude_id}").sample(shortlist, min(k, len(shortlist)))
 
 
+def solve_messages(problem: dict, shots: list[dict], k: int, seed: int = 0) -> list[dict]:
+    """The actor's prompt for a problem, with k worked examples drawn from `shots`."""
+    return actor_messages(problem["question"], is_boxed_style(problem),
+                          fewshot_examples(shots, k, problem.get("id"), seed))
+
+
+def add_fewshot_args(parser) -> None:
+    """--fewshot and --fewshot-pool, spelled the same wherever the actor solves from scratch."""
+    parser.add_argument("--fewshot", type=int, default=1, help="worked examples in the actor's prompt")
+    parser.add_argument("--fewshot-pool", default="data/builtin_train.jsonl",
+                        help="where few-shot examples come from (a train split, never the test set)")
+
+
 def critic_messages(question: str, steps: list[str]) -> list[dict]:
     system = ("You are a careful math teacher. You check a student's solution step by step. "
               + CRITIC_FORMAT)
@@ -1008,9 +1021,8 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
         logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
         deepspeed=deepspeed)
-    # Batches of similar lengths: critiques run from 300 to 1000+ tokens, and padding a random
-    # batch to its longest member wastes about a third of every step (the option's name changed
-    # in transformers 5).
+    # Batches of similar lengths: critiques run from 300 to 1000+ tokens, and a random batch is
+    # padded to its longest member (the option's name changed in transformers 5).
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "train_sampling_strategy" in known:
         targs["train_sampling_strategy"] = "group_by_length"

@@ -23,9 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per sample")
-    p.add_argument("--fewshot", type=int, default=1, help="worked examples in the prompt")
-    p.add_argument("--fewshot-pool", default="data/builtin_train.jsonl",
-                   help="where few-shot examples come from (a train split, never the test set)")
+    common.add_fewshot_args(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="write every sample here (JSONL, resumable)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
@@ -43,9 +41,7 @@ def main(args):
     if todo:
         engine = common.get_engine(args.actor, args.backend, args.device,
                                    trust_remote_code=args.trust_remote_code)
-        prompts = [common.actor_messages(p["question"], common.is_boxed_style(p),
-                                         common.fewshot_examples(pool, args.fewshot, p["id"], args.seed))
-                   for p in todo]
+        prompts = [common.solve_messages(p, pool, args.fewshot, args.seed) for p in todo]
         outputs = engine.generate(prompts, n=args.n, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed, desc="solve")
         for p, texts in zip(todo, outputs):
