@@ -339,7 +339,8 @@ def _take_unique(rng, n, seen, difficulty=None):
         level = difficulty or draws % 5 + 1
         draws += 1
         if draws > 50 * n + 1000:
-            raise RuntimeError(f"could only generate {len(rows)} distinct problems out of {n}")
+            raise common.UsageError(f"the built-in generator found only {len(rows)} distinct "
+                                    f"problems of the {n} asked for; ask for fewer")
         row = _make_problem(rng, level)
         key = normalize_question(row["question"])
         if key not in seen:
@@ -349,8 +350,10 @@ def _take_unique(rng, n, seen, difficulty=None):
 
 
 def generate_builtin(n, seed, difficulty=None):
-    """n distinct problems, levels cycling 1..5 (or all `difficulty`). Rows carry two extras for
-    error injection: `topic` and `computations` ([a, op, b, result] for reference_steps[i])."""
+    """n distinct problems, levels cycling 1..5 (or all `difficulty`). The generator's rows carry
+    two extras, `topic` and `computations` ([a, op, b, result] per computation, in step order),
+    for checking the generator itself; `finalize` drops them, so the written files have the
+    schema of every source and later stages read the arithmetic from the step text."""
     return _take_unique(random.Random(seed), n, set(), difficulty)
 
 
@@ -379,12 +382,14 @@ def load_hub(name, config=None, split=None):
     try:
         import datasets  # lazy: the offline default must not need it
     except ImportError:
-        raise SystemExit(f"Loading {name} needs the `datasets` package; or pass local JSONL files.")
+        raise common.UsageError(f"loading {name} needs the `datasets` package; "
+                                "or pass local JSONL files (see --help)") from None
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, gated, renamed: say what to do instead of a long trace
-        raise SystemExit(f"Could not load {name} from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
-                         "If this machine is offline, pass local JSONL files (see --help).")
+        raise common.UsageError(f"could not load {name} from the Hugging Face Hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                "if this machine is offline, pass local JSONL files (see --help)") from None
 
 
 CALCULATOR = re.compile(r"<<[^>]*>>")
@@ -400,7 +405,7 @@ def convert_gsm8k(row, where):
         elif line:
             steps.append(line)
     if not answer:
-        raise ValueError(f"{where}: no '#### answer' line in the solution")
+        raise common.UsageError(f"{where}: no '#### answer' line in the solution")
     # No official level in GSM8K; the test-time stage bins by the actor's own pass rate instead.
     return {"question": row["question"].strip(), "reference_steps": steps + [f"The answer is {answer}."],
             "answer": answer, "difficulty": None}
@@ -436,12 +441,13 @@ def parse_level(level):
 def convert_math(row, where):
     answer = str(row.get("answer") or "").strip() or common.last_boxed(row["solution"])
     if not answer:
-        raise ValueError(f"{where}: no answer field and no \\boxed{{}} in the solution")
+        raise common.UsageError(f"{where}: no answer field and no \\boxed{{}} in the solution")
     steps = split_solution(row["solution"]) + [f"The answer is \\boxed{{{answer}}}."]
     return {"question": row["problem"].strip(), "reference_steps": steps, "answer": answer,
             "difficulty": parse_level(row.get("level"))}
 
 
+REQUIRED = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}  # text fields of a row
 MATH_TRAIN_CONFIGS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                       "number_theory", "prealgebra", "precalculus"]
 
@@ -450,11 +456,15 @@ def load_external(args):
     """{split: [(where, row)]}. With any local file given, only the given splits are written;
     with none, both splits come from the Hub."""
     if args.source == "gsm8k":
-        local, required = {"train": args.gsm8k_train, "test": args.gsm8k_test}, ("question", "answer")
+        local = {"train": args.gsm8k_train, "test": args.gsm8k_test}
     else:
-        local, required = {"train": args.math_train, "test": args.math_test}, ("problem", "solution")
+        local = {"train": args.math_train, "test": args.math_test}
     if any(local.values()):
-        return {s: list(common.iter_jsonl(p, required)) for s, p in local.items() if p}
+        raw = {s: list(common.iter_jsonl(p, REQUIRED[args.source])) for s, p in local.items() if p}
+        for s, rows in raw.items():
+            if not rows:
+                raise common.UsageError(f"{local[s]}: no rows")
+        return raw
     if args.source == "gsm8k":
         ds = load_hub("openai/gsm8k", "main")
         return {s: [(f"openai/gsm8k[{s}][{i}]", dict(r)) for i, r in enumerate(ds[s])]
@@ -473,7 +483,12 @@ def convert_external(args):
         if split not in raw:
             continue
         limit = args.limit_train if split == "train" else args.limit_test
-        rows = [dict(convert(row, where), index=i) for i, (where, row) in enumerate(raw[split][:limit])]
+        rows = []
+        for i, (where, row) in enumerate(common.take(raw[split], limit)):
+            not_text = [k for k in REQUIRED[args.source] if not isinstance(row[k], str)]
+            if not_text:
+                raise common.UsageError(f"{where}: {', '.join(not_text)} must be text")
+            rows.append(dict(convert(row, where), index=i))
         if split == "train" and "test" in out:
             test_questions = {normalize_question(r["question"]) for r in out["test"]}
             kept = [r for r in rows if normalize_question(r["question"]) not in test_questions]
@@ -493,16 +508,18 @@ def parse_args(argv=None):
                    help="where problems come from (builtin needs no files and no network)")
     p.add_argument("--out-dir", default="data",
                    help="folder for {source}_train.jsonl and {source}_test.jsonl")
-    p.add_argument("--n-train", type=int, default=2000, help="builtin: number of training problems")
-    p.add_argument("--n-test", type=int, default=200, help="builtin: number of test problems")
+    p.add_argument("--n-train", type=common.count, default=2000, help="builtin: number of training problems")
+    p.add_argument("--n-test", type=common.count, default=200, help="builtin: number of test problems")
     p.add_argument("--seed", type=int, default=0, help="builtin: seed; the same seed gives identical files")
     p.add_argument("--gsm8k-train", help="local GSM8K train JSONL (fields question, answer)")
     p.add_argument("--gsm8k-test", help="local GSM8K test JSONL (fields question, answer)")
     p.add_argument("--math-train",
                    help="local MATH train JSONL (fields problem, solution, [answer], [level])")
     p.add_argument("--math-test", help="local MATH test JSONL, e.g. MATH-500 (same fields)")
-    p.add_argument("--limit-train", type=int, help="gsm8k/math: keep only the first N train rows")
-    p.add_argument("--limit-test", type=int, help="gsm8k/math: keep only the first N test rows")
+    p.add_argument("--limit-train", type=common.count, default=0,
+                   help="gsm8k/math: keep only the first N train rows (0 = all)")
+    p.add_argument("--limit-test", type=common.count, default=0,
+                   help="gsm8k/math: keep only the first N test rows (0 = all)")
     return p.parse_args(argv)
 
 
@@ -527,4 +544,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(main, parse_args)

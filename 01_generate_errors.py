@@ -10,6 +10,8 @@ answer, is_correct, error_step, error_type, inserter), with three generators fro
        wrong endings. Known: the first error is at or after step k (error_step = k).
   rg3  rewrite step k with a named mistake, let the actor continue from step k+1; keep only wrong
        endings. Known: location and type (error_step = k, error_type, inserter).
+       `--rg3-continue program` skips the actor: the later steps of the template are recomputed
+       from the wrong value (carry_forward), so thousands of paths cost no model call.
   reference  (opt-in) the reference solution as a known-correct path, for actors too weak to
        write correct paths themselves; without it the critic would only ever see "Wrong".
 
@@ -17,6 +19,8 @@ Where the paper is silent we chose:
 - rg1 temperature 1.0: the paper says "high" and its only stated number (rg2) is 1.0.
 - The rg2/rg3 template is the problem's first correct rg1 sample; a weak actor rarely has one,
   then the reference solution. k is uniform over steps 1..L-1 (never the "The answer is" step).
+- The actor's prompt is the kit's one (common.solve_messages, as in solve.py and 05): --fewshot
+  worked examples from --fewshot-pool, by default this file when it is a train split.
 - A path ends at its first "answer is" line after the fixed prefix: small models keep talking.
   Paths with no answer are wrong paths (answer null) and are counted; empty paths are dropped.
 - The program inserter perturbs one explicit `a op b = c` computation (builtin, GSM8K), so the
@@ -30,19 +34,18 @@ Where the paper is silent we chose:
   and keeps their counts, so `paths.stats.json` covers earlier runs too.
 
     python 01_generate_errors.py --limit 20
-    python 01_generate_errors.py --actor Qwen/Qwen2.5-7B-Instruct --backend vllm --rg1-samples 10 --chunk 512
+    python 01_generate_errors.py --actor Qwen/Qwen2.5-7B-Instruct --backend vllm --rg1-samples 10 --chunk-size 512
     python 01_generate_errors.py --problems data/gsm8k_train.jsonl --rg3-inserter model
 """
 import argparse
-import hashlib
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
 import common
-from common import (ResumableWriter, actor_messages, check_solution, is_boxed_style,
-                    join_steps, number_steps, read_jsonl, require_fields, split_steps)
+from common import (MathToken, ResumableWriter, check_solution, evaluate_tokens, find_computations,
+                    format_number, join_steps, math_tokens, number_steps, read_jsonl, split_steps)
 
 METHODS = ("rg1", "rg2", "rg3", "reference")
 MISTAKES = {  # type -> what it means, shown to the model inserter
@@ -54,68 +57,33 @@ MISTAKES = {  # type -> what it means, shown to the model inserter
 }
 
 # -----------------------------------------------------------------------------
-# Arithmetic inside a step: find `a op b = c`, evaluate it without eval, rewrite it
+# Arithmetic inside a step: perturb one `a op b = c` (read by common.find_computations), rewrite it
 
-NUM = r"\$?\d+(?:,\d{3})*(?:\.\d+)?"
-OP = r"[-+*/×÷]|(?<=\s)x(?=\s)"  # GSM8K writes "0.2 x 50 = $10"
-CALC = re.compile(rf"(?<![\w.$]){NUM}(?:\s*(?:{OP})\s*{NUM})+\s*=\s*{NUM}(?!\w)")
-TOKEN = re.compile(rf"({NUM})|({OP})")
-ASCII_OP = {"×": "*", "x": "*", "÷": "/"}
-
-
-def to_value(text):
-    return Fraction(text.replace("$", "").replace(",", ""))
-
-
-def find_calcs(step):
-    """[(start, end, terms, ops, result, symbols)] for every `a op b ... = c` in the step: terms
-    and result as written, ops normalized to + - * /, symbols {op: how the step writes it}."""
-    calcs = []
-    for m in CALC.finditer(step):
-        lhs, rhs = m.group(0).rsplit("=", 1)
-        terms, ops, symbols = [], [], {}
-        for num, op in TOKEN.findall(lhs):
-            if num:
-                terms.append(num)
-            else:
-                ops.append(ASCII_OP.get(op, op))
-                symbols[ops[-1]] = op
-        calcs.append((m.start(), m.end(), terms, ops, rhs.strip(), symbols))
-    return calcs
+def plain_computations(step):
+    """The step's computations written `a op b ... = c` with plain numbers (no %, parentheses
+    or words in between): the ones the program inserter can rewrite exactly."""
+    found = []
+    for c in find_computations(step):
+        nums, ops = c.lhs[0::2], c.lhs[1::2]
+        if (len(c.rhs) == 1 and len(nums) == len(ops) + 1
+                and all(t.kind == "num" and "%" not in t.text for t in nums + c.rhs)
+                and all(t.kind == "op" and t.op in "+-*/" for t in ops)
+                and all(not step[a.end:b.start].strip() for a, b in zip(c.lhs, c.lhs[1:]))):
+            found.append(c)
+    return found
 
 
-def evaluate(values, ops):
-    """Left to right with * and / before + and -; None on division by zero."""
-    sums, signs = [values[0]], []
+def value_of(values, ops):
+    """Exact value of values[0] ops[0] values[1] ... (the shared evaluator); None on x / 0."""
+    toks = [MathToken("num", "", 0, 0, value=values[0])]
     for op, v in zip(ops, values[1:]):
-        if op in "*/":
-            if op == "/" and v == 0:
-                return None
-            sums[-1] = sums[-1] * v if op == "*" else sums[-1] / v
-        else:
-            sums.append(v)
-            signs.append(op)
-    total = sums[0]
-    for op, v in zip(signs, sums[1:]):
-        total = total + v if op == "+" else total - v
-    return total
-
-
-def fmt(x, like="0"):
-    """A number written the way `like` is ($ sign, thousands commas, at most 2 decimals)."""
-    body = f"{abs(x.numerator) // x.denominator:,}" if "," in like else str(abs(x.numerator) // x.denominator)
-    if x.denominator != 1:
-        body = f"{float(abs(x)):.2f}".rstrip("0").rstrip(".")
-    return ("-" if x < 0 else "") + ("$" if like.startswith("$") else "") + body
+        toks += [MathToken("op", op, 0, 0, op=op), MathToken("num", "", 0, 0, value=v)]
+    return evaluate_tokens(toks)
 
 
 def replace_number(text, old, new):
     """Replace `old` where it stands as a whole number (not inside 120 or 2.5)."""
     return re.sub(rf"(?<![\d.,]){re.escape(old)}(?![\d]|[.,]\d)", new, text)
-
-
-def number_set(text):
-    return {to_value(n) for n in re.findall(NUM, text)}
 
 
 def _alternatives(v, rng, deltas=(1, -1, 2, -2, 10, -10)):
@@ -131,9 +99,9 @@ def _alternatives(v, rng, deltas=(1, -1, 2, -2, 10, -10)):
 def perturb_calc(calc, kind, rng, question_numbers, earlier_values):
     """(terms, ops, result, {old operand: new operand}) of the computation rewritten with
     mistake `kind`, or None when the kind does not apply to it."""
-    terms, ops, result = calc[2:5]
-    values, written = [to_value(t) for t in terms], to_value(result)
-    true = evaluate(values, ops)
+    terms, ops, result = [t.text for t in calc.lhs[0::2]], [t.op for t in calc.lhs[1::2]], calc.rhs[0].text
+    values, written = [t.value for t in calc.lhs[0::2]], calc.rhs[0].value
+    true = calc.value
     whole = all(v.denominator == 1 for v in values + [written])
 
     def fine(r):  # a real change, no negative or fractional surprises in a whole-number world
@@ -143,15 +111,15 @@ def perturb_calc(calc, kind, rng, question_numbers, earlier_values):
     if kind == "calculation error":
         for r in _alternatives(written, rng):
             if fine(r):
-                return terms, ops, fmt(r, result), {}
+                return terms, ops, format_number(r, result), {}
     elif kind == "wrong operation":
         swaps = {"+": "-*", "-": "+/", "*": "+/", "/": "*-"}
         for i in rng.sample(range(len(ops)), len(ops)):
             for new in swaps[ops[i]]:
                 new_ops = ops[:i] + [new] + ops[i + 1:]
-                r = evaluate(values, new_ops)
+                r = value_of(values, new_ops)
                 if fine(r):
-                    return terms, new_ops, fmt(r, result), {}
+                    return terms, new_ops, format_number(r, result), {}
     elif kind in ("misread quantity", "logic error"):
         # misread: an operand copied from the question is changed; logic: an operand that an
         # earlier step computed is swapped for another earlier value (a stale or wrong quantity)
@@ -168,37 +136,38 @@ def perturb_calc(calc, kind, rng, question_numbers, earlier_values):
                          for u in rng.sample(sorted(earlier_values[group]), len(earlier_values[group]))
                          if u != v]
             for u in cands:
-                r = evaluate(values[:i] + [u] + values[i + 1:], ops)
+                r = value_of(values[:i] + [u] + values[i + 1:], ops)
                 if fine(r):
-                    new_terms = terms[:i] + [fmt(u, terms[i])] + terms[i + 1:]
-                    return new_terms, ops, fmt(r, result), {terms[i]: new_terms[i]}
+                    new_terms = terms[:i] + [format_number(u, terms[i])] + terms[i + 1:]
+                    return new_terms, ops, format_number(r, result), {terms[i]: new_terms[i]}
     elif kind == "skipped/duplicated quantity":
         options = [("dup", i) for i in range(1, len(terms)) if ops[i - 1] in "+-*"]
         options += [("skip", i) for i in range(1, len(terms)) if len(terms) >= 3]
         for how, i in rng.sample(options, len(options)):
             if how == "dup":
-                new_terms, new_ops = terms[:i + 1] + [terms[i]] + terms[i + 1:], ops[:i] + [ops[i - 1]] + ops[i:]
+                keep, new_ops = list(range(i + 1)) + [i] + list(range(i + 1, len(terms))), ops[:i] + [ops[i - 1]] + ops[i:]
             else:
-                new_terms, new_ops = terms[:i] + terms[i + 1:], ops[:i - 1] + ops[i:]
-            r = evaluate([to_value(t) for t in new_terms], new_ops)
+                keep, new_ops = list(range(i)) + list(range(i + 1, len(terms))), ops[:i - 1] + ops[i:]
+            r = value_of([values[j] for j in keep], new_ops)
             if fine(r):
-                return new_terms, new_ops, fmt(r, result), {}
+                return [terms[j] for j in keep], new_ops, format_number(r, result), {}
     return None
 
 
 def insert_mistake(step, kind, rng, question_numbers, earlier_values):
     """The step with one computation rewritten (the last one it applies to), or None."""
-    for calc in reversed(find_calcs(step)):
+    for calc in reversed(plain_computations(step)):
         new = perturb_calc(calc, kind, rng, question_numbers, earlier_values)
         if new is None:
             continue
         terms, ops, result, operand = new
-        expr = terms[0] + "".join(f" {calc[5].get(op, op)} {t}" for op, t in zip(ops, terms[1:]))
+        symbols = {t.op: t.text for t in calc.lhs[1::2]}  # how the step writes each operator
+        expr = terms[0] + "".join(f" {symbols.get(op, op)} {t}" for op, t in zip(ops, terms[1:]))
         expr += f" = {result}"
-        before, after = step[:calc[0]], step[calc[1]:]
+        before, after = step[:calc.start], step[calc.end:]
         for old, repl in operand.items():  # "Adding 2 gives 5 + 2" misread as 3 says 3 twice
             before = replace_number(before, old.replace("$", ""), repl.replace("$", ""))
-        after = replace_number(after, calc[4].replace("$", ""), result.replace("$", ""))
+        after = replace_number(after, calc.rhs[0].text.replace("$", ""), result.replace("$", ""))
         return before + expr + after
     return None
 
@@ -207,15 +176,15 @@ def program_insert(steps, question, types, rng):
     """(k, rewritten step, type used, fell back?) for a random arithmetic step, or None.
     The drawn type comes first; if it does not apply to that step another type is used."""
     last = max(1, len(steps) - 1)
-    eligible = [k for k in range(1, last + 1) if find_calcs(steps[k - 1])]
+    eligible = [k for k in range(1, last + 1) if plain_computations(steps[k - 1])]
     wanted = rng.choice(types)
-    question_numbers = number_set(question)
+    question_numbers = {t.raw for t in math_tokens(question) if t.kind == "num"}
     for k in rng.sample(eligible, len(eligible)):
         earlier = {"results": set(), "operands": set()}
         for s in steps[:k - 1]:
-            for _, _, terms, _, result, _ in find_calcs(s):
-                earlier["results"].add(to_value(result))
-                earlier["operands"].update(to_value(t) for t in terms)
+            for c in plain_computations(s):
+                earlier["results"].add(c.rhs[0].value)
+                earlier["operands"].update(t.value for t in c.lhs[0::2])
         others = [t for t in types if t != wanted]
         for kind in [wanted] + rng.sample(others, len(others)):
             new = insert_mistake(steps[k - 1], kind, rng, question_numbers, earlier)
@@ -289,7 +258,8 @@ def new_counts():
                 from_actor_template=0, error_types={})
 
 
-def judge(problem, steps, counts):
+def grade_path(problem, steps, counts):
+    """(answer, is it right?) against the gold answer; a path without an answer is counted."""
     answer, ok = check_solution(join_steps(steps), str(problem["answer"]))
     counts["no_answer"] += answer is None
     return answer, ok
@@ -309,18 +279,15 @@ def path_row(problem, method, j, steps, answer, ok, counts, error_step=None, err
             "error_type": error_type, "inserter": inserter}
 
 
-class Context:
+class GenerationSetup:
     """What every generator needs: flags, the actor prompt per problem, templates, engines."""
 
-    def __init__(self, args, pool, templates):
-        self.args, self.pool, self.templates = args, pool, templates
+    def __init__(self, args, shots, templates):
+        self.args, self.shots, self.templates = args, shots, templates
 
     def prompt(self, problem):
-        # a worked example from the same file keeps a small model on one step per line
-        rng = random.Random(f"{self.args.seed}:{problem['id']}:fewshot")
-        others = [i for i in rng.sample(range(len(self.pool)), min(len(self.pool), self.args.fewshot + 1))
-                  if self.pool[i]["id"] != problem["id"]][:self.args.fewshot]
-        return actor_messages(problem["question"], is_boxed_style(problem), [self.pool[i] for i in others])
+        """The one actor prompt of the kit (common.solve_messages), as in solve.py and 05."""
+        return common.solve_messages(problem, self.shots, self.args.fewshot, self.args.seed)
 
     def template(self, problem):
         """(steps, from_actor): the first correct rg1 sample, else the reference solution."""
@@ -339,11 +306,11 @@ class Context:
 # -----------------------------------------------------------------------------
 # The three generators; each returns, per problem, (rows, counts, extra marker fields)
 
-def run_rg1(ctx, chunk, seed, desc):
-    a = ctx.args
-    outs = ctx.engine().generate([ctx.prompt(p) for p in chunk], n=a.rg1_samples,
-                                 temperature=a.rg1_temperature, max_new_tokens=a.max_new_tokens,
-                                 seed=seed, desc=desc)
+def run_rg1(setup, chunk, seed, desc):
+    a = setup.args
+    outs = setup.engine().generate([setup.prompt(p) for p in chunk], n=a.rg1_samples,
+                                   temperature=a.rg1_temperature, max_new_tokens=a.max_new_tokens,
+                                   seed=seed, desc=desc)
     results = []
     for p, samples in zip(chunk, outs):
         rows, counts, template = [], new_counts(), None
@@ -353,10 +320,10 @@ def run_rg1(ctx, chunk, seed, desc):
             if not steps:
                 counts["empty_dropped"] += 1
                 continue
-            answer, ok = judge(p, steps, counts)
+            answer, ok = grade_path(p, steps, counts)
             if ok:
                 template = template or steps
-                if ctx.rng(p, "rg1", j).random() >= a.keep_correct:
+                if setup.rng(p, "rg1", j).random() >= a.keep_correct:
                     counts["correct_dropped"] += 1
                     continue
             rows.append(path_row(p, "rg1", j, steps, answer, ok, counts))
@@ -364,17 +331,67 @@ def run_rg1(ctx, chunk, seed, desc):
     return results
 
 
-def continue_paths(ctx, chunk, jobs, temperature, seed, desc):
+def continue_paths(setup, chunk, jobs, temperature, seed, desc):
     """jobs: dicts with problem index `pi`, `fixed` steps; adds the continued `steps`."""
     prefixes = [join_steps(job["fixed"]) + "\n" if job["fixed"] else "" for job in jobs]
-    outs = ctx.engine().generate([ctx.prompt(chunk[job["pi"]]) for job in jobs], n=1,
-                                 temperature=temperature, max_new_tokens=ctx.args.max_new_tokens,
-                                 seed=seed, prefixes=prefixes, desc=desc)
+    outs = setup.engine().generate([setup.prompt(chunk[job["pi"]]) for job in jobs], n=1,
+                                   temperature=temperature, max_new_tokens=setup.args.max_new_tokens,
+                                   seed=seed, prefixes=prefixes, desc=desc)
     for job, out in zip(jobs, outs):
         job["steps"] = assemble(job["fixed"], out[0])
 
 
-def collect(ctx, chunk, method, jobs, results):
+def carry_forward(source, k, new_step):
+    """rg3 without the actor: the path `source` with step k replaced by `new_step` (the inserted
+    mistake) and every later step recomputed from the wrong value on, by program. Each later
+    computation gets the changed numbers as operands and its exact new result, and a number
+    outside a computation that states an old result (`so 7 eggs are left`, `The answer is 7.`)
+    is rewritten too, so the path stays consistent after its one mistake and ends wrong. The
+    values are matched by number: a question number equal to a changed result is changed as
+    well (the annotator labels whatever comes out; the error step stays k)."""
+    changed = {}
+    for old, new in zip(plain_computations(source[k - 1]), plain_computations(new_step)):
+        if old.rhs[0].value != new.rhs[0].value:
+            changed[old.rhs[0].value] = new.rhs[0].value
+    steps = list(source[:k - 1]) + [new_step]
+    for step in source[k:]:
+        steps.append(_recompute_step(step, changed))
+    return steps
+
+
+def _recompute_step(step, changed):
+    """One later step with `changed` values (old -> new, updated in place) carried through it."""
+    i = 0
+    while i < len(calcs := plain_computations(step)):  # left to right: a step may chain two
+        c = calcs[i]
+        nums, ops = c.lhs[0::2], [t.op for t in c.lhs[1::2]]
+        values = [changed.get(t.value, t.value) for t in nums]
+        if values != [t.value for t in nums]:
+            result = value_of(values, ops)
+            if result is None:
+                break  # a division by zero now: leave the rest as written
+            terms = [format_number(v, t.text) if v != t.value else t.text for v, t in zip(values, nums)]
+            symbols = [t.text for t in c.lhs[1::2]]
+            expr = terms[0] + "".join(f" {s} {t}" for s, t in zip(symbols, terms[1:]))
+            step = step[:c.start] + f"{expr} = {format_number(result, c.rhs[0].text)}" + step[c.end:]
+            if result != c.rhs[0].value:
+                changed[c.rhs[0].value] = result
+        i += 1
+    spans = [(c.start, c.end) for c in plain_computations(step)]
+    for t in reversed([t for t in math_tokens(step) if t.kind == "num"]):
+        if t.value in changed and not any(a <= t.start < b for a, b in spans):
+            step = step[:t.start] + format_number(changed[t.value], t.text) + step[t.end:]
+    return step
+
+
+def carry_forward_paths(jobs):
+    """rg3 --rg3-continue program: each job's path is its source with the mistake carried
+    forward (no actor call); jobs whose source the inserter did not see are left as they are."""
+    for job in jobs:
+        job["steps"] = carry_forward(job["source"], job["k"], job["fixed"][-1])
+
+
+def collect(setup, chunk, method, jobs, results):
     """Keep continued paths that end wrong; a right ending means the error was repaired."""
     for job in jobs:
         p, (rows, counts, _) = chunk[job["pi"]], results[job["pi"]]
@@ -382,7 +399,7 @@ def collect(ctx, chunk, method, jobs, results):
         if len(steps) < k:  # nothing written at step k: no path to critique
             counts["empty_dropped"] += 1
             continue
-        answer, ok = judge(p, steps, counts)
+        answer, ok = grade_path(p, steps, counts)
         if ok:
             counts["repaired_dropped"] += 1
             continue
@@ -390,7 +407,7 @@ def collect(ctx, chunk, method, jobs, results):
                              error_type=job.get("type"), inserter=job.get("inserter")))
 
 
-def run_reference(ctx, chunk, seed, desc):
+def run_reference(setup, chunk, seed, desc):
     """The reference solution as a known-correct path. Opt-in: a weak actor almost never
     writes a correct path, and a critic that never sees one learns to call everything Wrong.
     Its style differs from the actor's, so keep it a minority of the data (see stats)."""
@@ -399,33 +416,33 @@ def run_reference(ctx, chunk, seed, desc):
         counts = new_counts()
         counts["generated"] += 1
         steps = [normalize_step(s) for s in p["reference_steps"]]
-        answer, ok = judge(p, steps, counts)
+        answer, ok = grade_path(p, steps, counts)
         rows = [path_row(p, "reference", 0, steps, answer, ok, counts)] if ok else []
         results.append((rows, counts, {}))
     return results
 
 
-def run_rg2(ctx, chunk, seed, desc):
-    a, results, jobs = ctx.args, [([], new_counts(), {}) for _ in chunk], []
+def run_rg2(setup, chunk, seed, desc):
+    a, results, jobs = setup.args, [([], new_counts(), {}) for _ in chunk], []
     for pi, p in enumerate(chunk):
-        template, from_actor = ctx.template(p)
+        template, from_actor = setup.template(p)
         for j in range(a.rg2_samples):
-            k = choose_k(len(template), a.rg2_k, ctx.rng(p, "rg2", j))
+            k = choose_k(len(template), a.rg2_k, setup.rng(p, "rg2", j))
             jobs.append(dict(pi=pi, j=j, k=k, fixed=template[:k - 1]))
             results[pi][1]["generated"] += 1
             results[pi][1]["from_actor_template"] += from_actor
-    continue_paths(ctx, chunk, jobs, a.rg2_temperature, seed, desc)
-    collect(ctx, chunk, "rg2", jobs, results)
+    continue_paths(setup, chunk, jobs, a.rg2_temperature, seed, desc)
+    collect(setup, chunk, "rg2", jobs, results)
     return results
 
 
-def run_rg3(ctx, chunk, seed, desc):
-    a, results, jobs = ctx.args, [([], new_counts(), {}) for _ in chunk], []
+def run_rg3(setup, chunk, seed, desc):
+    a, results, jobs = setup.args, [([], new_counts(), {}) for _ in chunk], []
     for pi, p in enumerate(chunk):
-        template, from_actor = ctx.template(p)
+        template, from_actor = setup.template(p)
         counts = results[pi][1]
         for j in range(a.rg3_samples):
-            rng = ctx.rng(p, "rg3", j)
+            rng = setup.rng(p, "rg3", j)
             counts["generated"] += 1
             job = dict(pi=pi, j=j, inserter=a.rg3_inserter)
             if a.rg3_inserter == "program":
@@ -439,19 +456,20 @@ def run_rg3(ctx, chunk, seed, desc):
                     continue
                 k, new, kind, fell_back = found
                 counts["type_fallbacks"] += fell_back
-                job.update(k=k, type=kind, fixed=steps[:k - 1] + [new])
+                job.update(k=k, type=kind, fixed=steps[:k - 1] + [new], source=steps)
             elif not template:
                 counts["insert_failed"] += 1
                 continue
             else:
                 k, used_actor = choose_k(len(template), "uniform", rng), from_actor
-                job.update(k=k, type=rng.choice(a.rg3_types), original=template[k - 1], fixed=template[:k - 1])
+                job.update(k=k, type=rng.choice(a.rg3_types), original=template[k - 1],
+                           fixed=template[:k - 1], source=template)
             counts["from_actor_template"] += used_actor
             jobs.append(job)
     if a.rg3_inserter == "model":
         prompts = [inserter_messages(chunk[job["pi"]]["question"], job["fixed"] + [job["original"]],
                                      job["k"], job["type"]) for job in jobs]
-        outs = ctx.engine(a.inserter_model).generate(
+        outs = setup.engine(a.inserter_model).generate(
             prompts, n=1, temperature=a.inserter_temperature, max_new_tokens=min(128, a.max_new_tokens),
             seed=seed + 1, desc=desc + " insert")
         kept = []
@@ -463,8 +481,11 @@ def run_rg3(ctx, chunk, seed, desc):
                 job["fixed"] = job["fixed"] + [new]
                 kept.append(job)
         jobs = kept
-    continue_paths(ctx, chunk, jobs, a.rg3_temperature, seed, desc)
-    collect(ctx, chunk, "rg3", jobs, results)
+    if a.rg3_continue == "program":
+        carry_forward_paths(jobs)
+    else:
+        continue_paths(setup, chunk, jobs, a.rg3_temperature, seed, desc)
+    collect(setup, chunk, "rg3", jobs, results)
     return results
 
 
@@ -474,11 +495,8 @@ RUNNERS = {"rg1": run_rg1, "rg2": run_rg2, "rg3": run_rg3, "reference": run_refe
 # Driver: fixed chunks, resumable writers, stats
 
 
-def stable_seed(*parts):
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
-def summarize(markers, problems, methods):
+def counts_by_method(markers, problems, methods):
+    """Per method, the counts of every (problem, method) marker, summed over the problems."""
     by_method = {m: new_counts() for m in methods}
     for p in problems:
         for m in methods:
@@ -505,30 +523,29 @@ def main(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        raise common.UsageError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     methods = [m for m in METHODS if m in methods]  # rg1 first: it provides rg2/rg3 templates
     types = [t.strip() for t in args.rg3_types.split(",") if t.strip()]
     args = argparse.Namespace(**{**vars(args), "rg3_types": types})
     unknown = [t for t in types if t not in MISTAKES]
     if "rg3" in methods and (not types or args.rg3_inserter == "program" and unknown):
-        raise SystemExit(f"--rg3-types: the program inserter knows {list(MISTAKES)}, not {unknown}")
-    pool = read_jsonl(args.problems)
-    require_fields(pool, ["id", "question", "reference_steps", "answer"], args.problems)
-    problems = pool[:args.limit] if args.limit else pool
+        raise common.UsageError(f"--rg3-types: the program inserter knows {list(MISTAKES)}, not {unknown}")
+    pool = read_jsonl(args.problems, ("id", "question", "reference_steps", "answer"), nonempty=True)
+    problems = common.take(pool, args.limit)
 
     out = Path(args.out)
     with ResumableWriter(out) as writer, ResumableWriter(str(out) + ".done") as done:
         markers = {row["id"]: row for row in done.rows}
         templates = {key: row.get("template") for key, row in markers.items()}
-        ctx = Context(args, pool, templates)
-        n_chunks = (len(problems) + args.chunk - 1) // args.chunk
-        for c, start in enumerate(range(0, len(problems), args.chunk)):
-            chunk = problems[start:start + args.chunk]
+        setup = GenerationSetup(args, common.load_fewshot_pool(args, pool), templates)
+        n_chunks = (len(problems) + args.chunk_size - 1) // args.chunk_size
+        for c, start in enumerate(range(0, len(problems), args.chunk_size)):
+            chunk = problems[start:start + args.chunk_size]
             for m in methods:
                 if all(f"{p['id']}:{m}" in done for p in chunk):
                     continue
                 # the whole chunk is regenerated with its own seed, so rows match a clean run
-                results = RUNNERS[m](ctx, chunk, stable_seed(args.seed, m, start),
+                results = RUNNERS[m](setup, chunk, common.stable_seed(args.seed, m, start),
                                      f"{m} chunk {c + 1}/{n_chunks}")
                 for p, (rows, counts, extra) in zip(chunk, results):
                     key = f"{p['id']}:{m}"
@@ -542,7 +559,7 @@ def main(args):
                     if m == "rg1":
                         templates[key] = extra.get("template")
         stats = {"problems": len(problems), "rows_in_file": len(writer.rows),
-                 "by_method": summarize(markers, problems, methods)}
+                 "by_method": counts_by_method(markers, problems, methods)}
     print_stats(stats["by_method"])
     common.write_json_atomic(out.with_name(out.stem + ".stats.json"), stats)
     print(f"{len(writer.rows)} paths in {out}")
@@ -555,20 +572,24 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/paths.jsonl", help="paths JSONL (a .done sidecar and .stats.json go next to it)")
     p.add_argument("--methods", default="rg1,rg2,rg3",
                    help="comma list of rg1, rg2, rg3 and reference (reference solutions as correct paths)")
-    p.add_argument("--limit", type=int, help="use only the first N problems")
+    p.add_argument("--limit", type=common.count, default=0, help="use only the first N problems (0 = all)")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="actor model: embedded name, hub id or folder")
     common.add_backend_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget of one sampled path")
+    p.add_argument("--max-new-tokens", type=common.positive, default=256, help="token budget of one sampled path")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and every random choice")
-    p.add_argument("--fewshot", type=int, default=1, help="worked examples from the same file in the actor prompt")
-    p.add_argument("--chunk", type=int, default=64, help="problems per generate call (also the resume unit)")
-    p.add_argument("--rg1-samples", type=int, default=4, help="rg1: samples per problem")
+    common.add_fewshot_args(p, default_pool=None)
+    p.add_argument("--chunk-size", type=common.positive, default=64,
+                   help="problems per generate call (also the resume unit)")
+    p.add_argument("--rg1-samples", type=common.count, default=4, help="rg1: samples per problem")
     p.add_argument("--rg1-temperature", type=float, default=1.0, help="rg1: sampling temperature (paper: high)")
     p.add_argument("--keep-correct", type=float, default=0.5, help="rg1: fraction of correct paths kept")
-    p.add_argument("--rg2-samples", type=int, default=2, help="rg2: continuations per problem")
+    p.add_argument("--rg2-samples", type=common.count, default=2, help="rg2: continuations per problem")
     p.add_argument("--rg2-temperature", type=float, default=1.0, help="rg2: temperature from step k on (paper: 1.0)")
     p.add_argument("--rg2-k", default="uniform", choices=["uniform", "first", "last"], help="rg2: which step to resample from")
-    p.add_argument("--rg3-samples", type=int, default=2, help="rg3: inserted mistakes per problem")
+    p.add_argument("--rg3-samples", type=common.count, default=2, help="rg3: inserted mistakes per problem")
+    p.add_argument("--rg3-continue", default="actor", choices=["actor", "program"],
+                   help="rg3: the actor writes the steps after the mistake (paper), or a program "
+                        "recomputes the original later steps from the wrong value (no model call)")
     p.add_argument("--rg3-temperature", type=float, default=0.7, help="rg3: temperature of the continuation")
     p.add_argument("--rg3-types", default=",".join(MISTAKES), help="rg3: comma list of mistake types")
     p.add_argument("--rg3-inserter", default="program", choices=["program", "model"],
@@ -579,4 +600,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(main, parse_args)

@@ -8,16 +8,18 @@ through (flagged `"passthrough": true`), so the critic also learns to say "Corre
 Reads `out/annotations.jsonl` (stage 2) and, when present, `out/annotations.stats.json` and
 `out/paths.stats.json` (only for the table). Writes into `--out-dir` (default `out/`):
   refinements.jsonl  progress, one row per refined critique {"id", "answers", "n_correct", "kept",
-                     "refinement" (the first correct one or null), "config"}; a killed run resumes
+                     "refinement" (the first correct one or null)}; a killed run resumes
                      from it and the SFT files below are rebuilt from it at the end, so a rerun
                      never duplicates a row. `kept` is recomputed with the current --k, so changing
-                     k alone needs no new generation.
+                     k alone needs no new generation. refinements.config.json holds the actor
+                     settings it was made with; other settings on the same folder are refused.
   critic_sft.jsonl   {"id", "messages": critic_messages + [assistant: critique], "problem_id",
                      "method", "is_correct", "difficulty", "passthrough"}: the critic's SFT data.
   refine_sft.jsonl   {"id", "messages": refine_messages + [assistant: a correct refinement],
                      "problem_id", "difficulty"}: the actor's refinement data (one per kept critique).
-  filter_stats.json / .md / .png   paths per method, annotation validity, kept rate per method and
-                     per difficulty, verdict balance of the critic data.
+  critic_sft.stats.json / .md / .png   paths per method, annotation validity, kept rate per
+                     method and per difficulty, verdict balance of the critic data (stats of a
+                     stage sit next to its main output as `<stem>.stats.*`, as in 01 and 02).
 
 Where the paper is silent: it does not publish N or k. Defaults N=4, k=1 (one correct refinement
 is enough evidence that the critique points somewhere useful); at scale N=8, k=2 is stricter.
@@ -31,7 +33,6 @@ use it to build critic data when the actor is too weak to judge helpfulness.
     python 03_filter.py --actor meta-llama/Meta-Llama-3-8B-Instruct --backend vllm --n 8 --k 2
 """
 import argparse
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -57,14 +58,13 @@ def select_refinement(texts: list[str], correct: list[bool]) -> str | None:
     return next((t for t, ok in zip(texts, correct) if ok), None)
 
 
-def refinement_record(row: dict, texts: list[str], k: int, config: dict | None = None) -> dict:
+def refinement_record(row: dict, texts: list[str], k: int) -> dict:
     """(annotation row, its N refinement texts) -> the progress record."""
     checks = [common.check_solution(t, row["gold_answer"]) for t in texts]
     correct = [ok for _, ok in checks]
     n_correct = sum(correct)
     return {"id": row["id"], "answers": [a for a, _ in checks], "n_correct": n_correct,
-            "kept": keep_critique(n_correct, k), "refinement": select_refinement(texts, correct),
-            "config": config or {}}
+            "kept": keep_critique(n_correct, k), "refinement": select_refinement(texts, correct)}
 
 
 def classify(row: dict) -> str:
@@ -78,11 +78,6 @@ def classify(row: dict) -> str:
     if crit.final_correct is not False:
         return "unusable: flawed path judged correct"
     return "flawed"
-
-
-def chunk_seed(ids: list[str], base: int = 0) -> int:
-    """A seed fixed by which rows are in the chunk, so a resumed run samples the same way."""
-    return base + int(hashlib.sha256("\n".join(ids).encode()).hexdigest()[:8], 16)
 
 
 # -----------------------------------------------------------------------------
@@ -166,23 +161,23 @@ def compute_stats(annotations: list[dict], records: dict, k: int, critic_rows: l
 
 
 def stats_markdown(s: dict) -> str:
-    fmt = lambda r: "-" if r is None else f"{100 * r:.1f}%"
+    fmt = common.pct
     ann = (s["annotation"] or {}).get("by_method") or {}
     judged = "refined" if s["k"] else "judged"  # filter off: nothing is refined
     lines = [f"# Stage 3 filter: {s['filter']}", "",
              "| method | paths | annotated valid | annotation dropped | passthrough (correct) "
-             f"| flawed | {judged} | kept | kept rate |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| flawed | {judged} | kept | kept rate % |", "|---|---|---|---|---|---|---|---|---|"]
     for m, b in s["by_method"].items():
         a = ann.get(m) or {}
         lines.append(f"| {m} | {s['paths_by_method'].get(m, '-')} | {a.get('kept', b['annotations'])} "
                      f"| {a.get('dropped', '-')} | {b.get('passthrough', 0)} | {b.get('flawed', 0)} "
                      f"| {b.get('judged', 0)} | {b.get('kept', 0)} | {fmt(b.get('kept_rate'))} |")
-    lines += ["", f"| difficulty | flawed | {judged} | kept | kept rate |", "|---|---|---|---|---|"]
+    lines += ["", f"| difficulty | flawed | {judged} | kept | kept rate % |", "|---|---|---|---|---|"]
     for d, b in sorted(s["by_difficulty"].items()):
         lines.append(f"| {d} | {b['flawed']} | {b['judged']} | {b['kept']} | {fmt(b['kept_rate'])} |")
     c = s["critic_sft"]
     lines += ["", f"Critic data: {c['rows']} rows, final verdict Correct {c['verdict_correct']} / "
-              f"Wrong {c['verdict_wrong']} (share Wrong {fmt(c['share_wrong'])}). "
+              f"Wrong {c['verdict_wrong']} (share Wrong {fmt(c['share_wrong'])}%). "
               f"Refinement data: {s['refine_sft']['rows']} rows."]
     if s["annotation"]:
         lines.append(f"Annotation (stage 2): {s['annotation']['kept']} valid, "
@@ -193,9 +188,7 @@ def stats_markdown(s: dict) -> str:
 
 
 def plot_stats(s: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     diffs = sorted({d for v in s["by_method_difficulty"].values() for d in v})
     methods = list(s["by_method_difficulty"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -217,7 +210,7 @@ def plot_stats(s: dict, path: Path) -> None:
 # Main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", default="out/annotations.jsonl", help="stage 2 output")
     p.add_argument("--annotation-stats", default=None,
                    help="stage 2 stats (default: annotations.stats.json next to --annotations)")
@@ -226,16 +219,17 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out", help="where the SFT files, progress and stats go")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="model that refines the paths")
     common.add_backend_args(p)
-    p.add_argument("--n", type=int, default=4, help="refinements per critique (paper's N)")
-    p.add_argument("--k", type=int, default=1,
+    p.add_argument("--n", type=common.positive, default=4, help="refinements per critique (paper's N)")
+    p.add_argument("--k", type=common.count, default=1,
                    help="keep a critique iff >= k refinements are correct; 0 = filter off")
     p.add_argument("--temperature", type=float, default=0.7, help="actor sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="length limit of one refinement")
-    p.add_argument("--chunk", type=int, default=64,
-                   help="rows per generate call (progress is saved per chunk)")
+    p.add_argument("--max-new-tokens", type=common.positive, default=256,
+                   help="length limit of one refinement")
+    p.add_argument("--chunk-size", type=common.positive, default=64,
+                   help="critiques per generate call (progress is saved per chunk)")
     p.add_argument("--seed", type=int, default=0, help="base seed, mixed with each chunk's row ids")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N annotation rows (quick trials)")
+    p.add_argument("--limit", type=common.count, default=0,
+                   help="use only the first N annotation rows (0 = all)")
     return p.parse_args(argv)
 
 
@@ -246,34 +240,33 @@ def read_optional_json(path: Path) -> dict | None:
 def main(args):
     start = time.time()
     ann_path, out = Path(args.annotations), Path(args.out_dir)
-    annotations = common.read_jsonl(ann_path)[:args.limit]
-    common.require_fields(annotations, FIELDS, ann_path)
+    annotations = common.take(common.read_jsonl(ann_path, FIELDS, nonempty=True), args.limit)
     ids = [r["id"] for r in annotations]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{ann_path}: duplicate ids, e.g. {next(i for i in ids if ids.count(i) > 1)!r}")
-    config = {"actor": args.actor, "n": args.n, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens}
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise common.UsageError(f"{ann_path}: duplicate id {dup!r}")
 
     # Refine every flawed path N times with its critique; progress is saved per chunk.
     with common.ResumableWriter(out / "refinements.jsonl") as writer:
         if args.k > 0:
-            stale = [r["id"] for r in writer.rows if r.get("config") != config]
-            if stale:
-                raise SystemExit(f"{writer.path} was made with other settings ({stale[0]}); "
-                                 "delete it or choose another --out-dir")
+            common.guard_config(out / "refinements.config.json", {
+                "actor": args.actor, "n": args.n, "temperature": args.temperature,
+                "max_new_tokens": args.max_new_tokens})
             todo = [r for r in annotations if classify(r) == "flawed" and r["id"] not in writer]
             print(f"refining {len(todo)} critiques x {args.n} ({len(writer.rows)} done before)")
-            for c in range(0, len(todo), args.chunk):
-                rows = todo[c:c + args.chunk]
+            if todo:
                 engine = common.get_engine(args.actor, args.backend, args.device)
+                engine.plan(len(todo) * args.n, args.max_new_tokens)
+            for c in range(0, len(todo), args.chunk_size):
+                rows = todo[c:c + args.chunk_size]
                 prompts = [common.refine_messages(r["question"], r["steps"], r["critique"],
                                                   common.is_boxed_style(r)) for r in rows]
                 outs = engine.generate(prompts, n=args.n, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens,
-                                       seed=chunk_seed([r["id"] for r in rows], args.seed),
+                                       seed=args.seed + common.stable_seed(*(r["id"] for r in rows)),
                                        desc=f"refine {c + len(rows)}/{len(todo)}")
                 for r, texts in zip(rows, outs):
-                    writer.write(refinement_record(r, texts, args.k, config))
+                    writer.write(refinement_record(r, texts, args.k))
         records = {r["id"]: r for r in writer.rows}
 
     # Rebuild the outputs from annotations + progress (whole files, write-then-rename).
@@ -286,13 +279,13 @@ def main(args):
     ann_stats = Path(args.annotation_stats or ann_path.with_name(ann_path.stem + ".stats.json"))
     stats = compute_stats(annotations, records, args.k, critic_rows, refine_rows,
                           read_optional_json(paths_stats), read_optional_json(ann_stats), label)
-    common.write_json_atomic(out / "filter_stats.json", stats)
-    common.write_text_atomic(out / "filter_stats.md", stats_markdown(stats))
-    plot_stats(stats, out / "filter_stats.png")
+    common.write_json_atomic(out / "critic_sft.stats.json", stats)
+    common.write_text_atomic(out / "critic_sft.stats.md", stats_markdown(stats))
+    plot_stats(stats, out / "critic_sft.stats.png")
     print(stats_markdown(stats))
     print(f"done in {time.time() - start:.1f}s -> {out}/critic_sft.jsonl, refine_sft.jsonl")
     return stats
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(main, parse_args)

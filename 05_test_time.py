@@ -11,8 +11,9 @@ processbench.jsonl, processbench.json, processbench.md and a section of metrics.
 `--processbench-only` runs just that.
 
 What is measured (paper, "Test time"):
-1. Discrimination: the critic (no gold answer) judges the first max(K) actor samples of every
-   problem; its final verdict vs the truth, "Wrong" as the positive class.
+1. Discrimination: the critic (`--critic`, common.make_critic; a model critic never sees the
+   gold answer) judges the first max(K) actor samples of every problem; its final verdict vs
+   the truth, "Wrong" as the positive class.
    Step level: ProcessBench rows {"id", "problem", "steps", "label" (0-based earliest wrong step,
    -1 if none)} or stage-1 `out/paths.jsonl` rows (rg3: label = error_step - 1; a correct rg1/rg2
    path: -1; wrong rg1/rg2 paths have no exact label and are skipped). The prediction is the
@@ -38,35 +39,180 @@ Choices where the paper is silent:
   lower-variance estimates over the whole pool (common.pass_at_k, common.mv_at_k) where samples
   are exchangeable (actor-only, parallel); sequential rounds are ordered, so they use prefixes.
 
-    python 05_test_time.py --limit 20
+    python 05_test_time.py --limit 20                      # the trained critic from 04 (out/critic)
+    python 05_test_time.py --limit 20 --critic rules       # the exact reference-aware checker (an oracle-like critic)
     python 05_test_time.py --processbench-only --processbench path/to/gsm8k.jsonl path/to/math.jsonl
     python 05_test_time.py --actor meta-llama/Meta-Llama-3-8B-Instruct --critic out/critic \\
         --backend vllm --limit 0 --k-values 1,2,4,8,16,32 --difficulty-samples 32 \\
         --actor-max-new-tokens 1024 --critic-max-new-tokens 1536
 """
 import argparse
-import json
-import math
 import time
 from pathlib import Path
 
 import common
-from common import (ResumableWriter, accuracy_ci, answer_classes, check_solution, critic_messages,
-                    majority_class, mv_at_k, parse_critique, pass_at_k, refine_messages, split_steps)
+from common import (ResumableWriter, accuracy_ci, answer_classes, bin_range, check_solution,
+                    difficulty_bins, f1_score, majority_class, mv_at_k, parse_critique, pass_at_k,
+                    processbench_by_subset, processbench_scores, ratio, split_steps)
+
+METHODS = ("actor", "parallel", "sequential", "sequential-last")
+LABELS = {"actor": "actor-only MV (3K samples)", "parallel": "parallel: K x (solve, critique, refine), MV",
+          "sequential": "sequential: K rounds, MV over rounds",
+          "sequential-last": "sequential: K rounds, last round"}
 
 # -----------------------------------------------------------------------------
-# Pure metric functions
+# The pipeline: one pool of actor samples, then K critique -> refine rounds, each round a few
+# batched generate calls over all problems
 
 
-def difficulty_bins(pass_rates: list[float], n_bins: int = 5) -> list[int]:
-    """Equal-width pass-rate bins, 1 = easiest: with 5 bins [0.8,1] -> 1, [0.6,0.8) -> 2, ...,
-    [0,0.2) -> 5. Fixed edges (not quantiles) keep a bin's meaning across actors."""
-    return [min(n_bins, max(1, n_bins - math.floor(r * n_bins + 1e-9))) for r in pass_rates]
+def load_problems(path: str, limit: int | None) -> list[dict]:
+    return common.take(common.read_jsonl(path, required=("id", "question", "answer")), limit)
 
 
-def bin_range(b: int, n_bins: int = 5) -> str:
-    lo, hi = (n_bins - b) / n_bins, (n_bins - b + 1) / n_bins
-    return f"[{lo:.1f}, {hi:.1f}{']' if b == 1 else ')'}"
+def round_chains(pids: list[str], r: int, kmax: int) -> list[tuple[str, int]]:
+    """(problem, j) pairs of round r: round 1 critiques and refines the first kmax samples
+    (parallel); later rounds continue chain 0 only (sequential)."""
+    return [(pid, j) for pid in pids for j in (range(kmax) if r == 1 else [0])]
+
+
+def round_id(pid: str, r: int, j: int) -> str:
+    """Key of round r on chain j: its critique and its refinement are cached under it."""
+    return f"{pid}:{r}:{j}"
+
+
+def sample_id(pid: str, j: int) -> str:
+    return f"{pid}:sample:{j}"
+
+
+def plan_engines(actor, critic, n_samples: int, n_rounds: int, args) -> None:
+    """Backend "auto" chooses on all the work left (a resumed run has less), not on one chunk.
+    The actor writes the samples and one refinement per round; the critic one critique."""
+    if critic.kind == "model" and critic.engine is not actor:
+        actor.plan(n_samples + n_rounds, args.actor_max_new_tokens)
+        critic.engine.plan(n_rounds, args.critic_max_new_tokens)
+    else:  # one engine does everything, or the critic is not a local model
+        work = n_samples + n_rounds * (2 if critic.kind == "model" else 1)
+        actor.plan(work, max(args.actor_max_new_tokens, args.critic_max_new_tokens))
+
+
+def generate_all(args, problems, critic, pool, kmax) -> dict:
+    """{"samples": {sample_id: text}, "critiques" / "refinements": {round_id: text}}."""
+    gen_dir = Path(args.out_dir) / "generations"
+    common.guard_config(gen_dir / "config.json", {
+        "actor": args.actor, "critic": critic.name, "temperature": args.temperature, "seed": args.seed,
+        "fewshot": args.fewshot, "fewshot_pool": Path(args.fewshot_pool).name if args.fewshot else None,
+        "actor_max_new_tokens": args.actor_max_new_tokens, "critic_max_new_tokens": args.critic_max_new_tokens})
+    actor = common.get_engine(args.actor, args.backend, args.device)
+    by_id = {p["id"]: p for p in problems}
+    pids = list(by_id)
+    with ResumableWriter(gen_dir / "samples.jsonl") as sw, ResumableWriter(gen_dir / "critiques.jsonl") as cw, \
+            ResumableWriter(gen_dir / "refinements.jsonl") as rw:
+        n_samples = sum(sample_id(pid, j) not in sw for pid in pids for j in range(pool))
+        n_rounds = sum(round_id(pid, r, j) not in rw
+                       for r in range(1, kmax + 1) for pid, j in round_chains(pids, r, kmax))
+        if n_samples + n_rounds:
+            print(f"{n_samples} actor samples and {n_rounds} critique -> refine steps to do")
+            plan_engines(actor, critic, n_samples, n_rounds, args)
+        shots = common.load_fewshot_pool(args)
+        jobs = [([sample_id(pid, j) for j in range(pool)], common.solve_messages(p, shots, args.fewshot, args.seed))
+                for pid, p in by_id.items()]
+        samples = common.cached_generate(actor, sw, jobs, args.chunk_size, "actor samples", args.seed,
+                                         temperature=args.temperature, max_new_tokens=args.actor_max_new_tokens)
+        for r in range(1, kmax + 1):
+            # round 1 judges the actor's samples; round r > 1 the previous round's refinement
+            judged = {row["id"]: row["text"] for row in rw.rows}
+            items = [{"id": round_id(pid, r, j), "question": by_id[pid]["question"],
+                      "steps": split_steps(samples[sample_id(pid, j)] if r == 1 else judged[round_id(pid, r - 1, j)]),
+                      "boxed": common.is_boxed_style(by_id[pid]),
+                      "reference_steps": by_id[pid].get("reference_steps") or [],
+                      "gold_answer": str(by_id[pid]["answer"])}
+                     for pid, j in round_chains(pids, r, kmax)]
+            common.critique_and_refine(actor, critic, items, temperature=args.temperature,
+                                       max_new_tokens=args.actor_max_new_tokens, seed=args.seed + 1000 * r,
+                                       critique_writer=cw, refine_writer=rw, chunk_size=args.chunk_size,
+                                       desc=f"round {r}")
+        return {"samples": samples, "critiques": {row["id"]: row["text"] for row in cw.rows},
+                "refinements": {row["id"]: row["text"] for row in rw.rows}}
+
+
+def grade(texts: list[str], gold: str) -> dict:
+    """Answers, correctness and answer classes (equivalent answers share a class) of solutions."""
+    answers, correct = zip(*(check_solution(t, gold) for t in texts))
+    return {"answers": list(answers), "correct": list(correct), "classes": answer_classes(list(answers))}
+
+
+def score_problems(problems, gen, pool, kmax, n_diff) -> tuple[list[dict], dict]:
+    per, crit_stats = [], {"critiques": 0, "malformed": 0, "no_final_verdict": 0}
+    samples, critiques, refined = gen["samples"], gen["critiques"], gen["refinements"]
+    for p in problems:
+        pid, gold = p["id"], str(p["answer"])
+        q = {"id": pid, "samples": grade([samples[sample_id(pid, j)] for j in range(pool)], gold),
+             "refined": grade([refined[round_id(pid, 1, j)] for j in range(kmax)], gold),
+             "rounds": grade([refined[round_id(pid, r, 0)] for r in range(1, kmax + 1)], gold),
+             "verdicts": []}
+        q["pass_rate"] = sum(q["samples"]["correct"][:n_diff]) / n_diff
+        for r in range(1, kmax + 1):
+            for _, j in round_chains([pid], r, kmax):
+                judged = samples[sample_id(pid, j)] if r == 1 else refined[round_id(pid, r - 1, j)]
+                crit = parse_critique(critiques[round_id(pid, r, j)], n_steps=len(split_steps(judged)))
+                crit_stats["critiques"] += 1
+                crit_stats["malformed"] += not crit.ok
+                crit_stats["no_final_verdict"] += crit.final_correct is None
+                if r == 1:  # discrimination: the critic on the actor's own samples
+                    q["verdicts"].append(crit.final_correct)
+        per.append(q)
+    return per, crit_stats
+
+
+def summarize_metrics(per, ks, kmax, pool, n_bins=5) -> dict:
+    n = len(per)
+    disc = discrimination_scores([v for q in per for v in q["verdicts"]],
+                                 [c for q in per for c in q["samples"]["correct"][:kmax]])
+    disc["accuracy_ci"] = _ci(disc["tp"] + disc["tn"], disc["n"])["ci"]
+    bins = difficulty_bins([q["pass_rate"] for q in per], n_bins)
+    by_bin = [{"bin": b, "range": bin_range(b, n_bins),
+               **refine_effect([q for q, qb in zip(per, bins) if qb == b])} for b in range(1, n_bins + 1)]
+    scaling = []
+    for k in ks:
+        for method in METHODS:
+            votes, any_ok = [], []
+            for q in per:
+                cl, ok = (select_candidates(method, k, q["samples"][f], q["refined"][f], q["rounds"][f])
+                          for f in ("classes", "correct"))
+                votes.append(vote(cl, ok))
+                any_ok.append(any(ok))
+            if method in ("actor", "parallel"):  # exchangeable samples: estimate from the whole pool
+                src, size, m = ("samples", pool, 3 * k) if method == "actor" else ("refined", kmax, k)
+                pass_est = sum(pass_at_k(size, sum(q[src]["correct"]), m) for q in per) / n
+                mv_est = sum(mv_at_k(q[src]["classes"], q[src]["correct"], m) for q in per) / n
+            else:  # ordered rounds: the prefix is the only honest estimate
+                pass_est, mv_est = sum(any_ok) / n, sum(v for v, _ in votes) / n
+            scaling.append({"method": method, "K": k, "budget": generation_budget(method, k),
+                            "n_answers": len(select_candidates(method, k, [0] * 3 * k, [0] * k, [0] * k)),
+                            **_ci(sum(v for v, _ in votes), n), "any_correct": sum(any_ok) / n,
+                            "pass_at_k": pass_est, "mv_at_k": mv_est,
+                            "agreement": sum(a for _, a in votes) / n})
+    answers = [a for q in per for a in q["samples"]["answers"]]
+    return {"discrimination": disc,
+            "critique_refine": {"overall": refine_effect(per), "by_difficulty": by_bin,
+                                "bin_rule": f"{n_bins} equal-width bins of the actor's pass rate, bin 1 = easiest"},
+            "scaling": {"budget_rule": "generations per problem: actor-only 3K, parallel 3K, sequential 1+2K",
+                        "rows": scaling},
+            "actor_no_answer_rate": sum(a is None for a in answers) / max(1, len(answers))}
+
+
+# -----------------------------------------------------------------------------
+# Metrics: pure functions of answers and verdicts
+
+
+def refine_effect(group: list[dict]) -> dict:
+    """Sample 0 before and after one critique -> refine round; the oracle refines only wrong ones."""
+    before = [q["samples"]["correct"][0] for q in group]
+    after = [q["refined"]["correct"][0] for q in group]
+    return {"n": len(group), "before": _ci(sum(before), len(group)), "after": _ci(sum(after), len(group)),
+            "oracle": _ci(sum(b or a for b, a in zip(before, after)), len(group)),
+            "wrong_to_correct": sum(a and not b for b, a in zip(before, after)),
+            "correct_to_wrong": sum(b and not a for b, a in zip(before, after))}
 
 
 def generation_budget(method: str, k: int) -> int:
@@ -100,14 +246,6 @@ def vote(classes: list, correct: list[bool]) -> tuple[bool, float]:
     return any(correct[i] for i in members), len(members) / len(classes)
 
 
-def _ratio(a, b):
-    return a / b if b else None
-
-
-def _f1(p, r):
-    return None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0)
-
-
 def discrimination_scores(verdicts: list, truth: list[bool]) -> dict:
     """Critic final verdicts (True = Correct, False = Wrong, None = unparseable) vs whether the
     answer really is correct. Positive class = Wrong. None is a miss: never a true prediction."""
@@ -116,61 +254,15 @@ def discrimination_scores(verdicts: list, truth: list[bool]) -> dict:
     tn = sum(v is True and t for v, t in zip(verdicts, truth))
     fn = sum(v is not False and not t for v, t in zip(verdicts, truth))
     n, none = len(truth), sum(v is None for v in verdicts)
-    p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    p, r = ratio(tp, tp + fp), ratio(tp, tp + fn)
     return {"n": n, "n_wrong_answers": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-            "accuracy": _ratio(tp + tn, n), "precision": p, "recall": r, "f1": _f1(p, r),
-            "unparseable": none, "unparseable_rate": _ratio(none, n)}
+            "accuracy": ratio(tp + tn, n), "precision": p, "recall": r, "f1": f1_score(p, r),
+            "unparseable": none, "unparseable_rate": ratio(none, n)}
 
 
-def processbench_scores(preds: list[int], labels: list[int]) -> dict:
-    """ProcessBench: accuracy on erroneous samples (pred == label), on correct ones (pred == -1),
-    and F1 = their harmonic mean. Labels and predictions are 0-based steps, -1 = no error."""
-    err = [p == l for p, l in zip(preds, labels) if l != -1]
-    ok = [p == -1 for p, l in zip(preds, labels) if l == -1]
-    a_err, a_ok = _ratio(sum(err), len(err)), _ratio(sum(ok), len(ok))
-    return {"n": len(labels), "n_erroneous": len(err), "n_correct": len(ok),
-            "acc_erroneous": a_err, "acc_correct": a_ok, "f1": _f1(a_err, a_ok)}
-
-
-# -----------------------------------------------------------------------------
-# Generation with a resume cache: only ids missing from the writer are generated
-
-
-def cached_generate(engine, writer, jobs, chunk_size, desc, seed=0, **sampling) -> dict:
-    """jobs: (ids, prompt) pairs, one sample per id. Prompts missing the same number of samples
-    share a few big engine.generate calls (chunked so a kill loses at most one chunk)."""
-    by_missing: dict[int, list] = {}
-    for ids, prompt in jobs:
-        missing = [i for i in ids if i not in writer]
-        if missing:
-            by_missing.setdefault(len(missing), []).append((missing, prompt))
-    for n, todo in by_missing.items():
-        step = max(1, chunk_size // n)
-        for s in range(0, len(todo), step):
-            part = todo[s:s + step]
-            outs = engine.generate([p for _, p in part], n=n, seed=seed + s, desc=desc, **sampling)
-            for (missing, _), texts in zip(part, outs):
-                for row_id, text in zip(missing, texts):
-                    writer.write({"id": row_id, "text": text})
-    return {row["id"]: row["text"] for row in writer.rows}
-
-
-def check_cache_config(path: Path, config: dict) -> None:
-    """Cached text from another model or sampling setup must not mix into this run."""
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"{path.parent} holds generations from another setup {diff}; "
-                             "use another --out-dir or delete it")
-    else:
-        common.write_json_atomic(path, config)
-
-
-def pick_critic(name: str | None) -> str:
-    critic = name or ("out/critic" if Path("out/critic").exists() else common.DEFAULT_MODEL)
-    print(f"critic: {critic}" + ("" if name else " (default: out/critic if present, else the embedded model)"))
-    return critic
+def _ci(successes: int, n: int) -> dict:
+    p, lo, hi = accuracy_ci(successes, n)
+    return {"acc": p, "ci": [lo, hi], "correct": successes, "n": n}
 
 
 # -----------------------------------------------------------------------------
@@ -180,8 +272,7 @@ def pick_critic(name: str | None) -> str:
 def load_step_labelled(paths: list[str]) -> tuple[list[dict], int]:
     rows, skipped = [], 0
     for path in paths:
-        for i, row in enumerate(common.read_jsonl(path), 1):
-            where = f"{path}: row {i} (id={row.get('id')!r})"
+        for where, row in common.iter_jsonl(path):
             if "label" in row:
                 label, subset = row["label"], row.get("subset") or Path(path).stem
             elif "error_step" in row:
@@ -195,42 +286,29 @@ def load_step_labelled(paths: list[str]) -> tuple[list[dict], int]:
                 # one subset per file: like ProcessBench's, it holds erroneous and correct rows
                 subset = row.get("subset") or Path(path).stem
             else:
-                raise ValueError(f"{where}: needs 'label' (ProcessBench) or 'error_step' (paths.jsonl)")
+                raise common.UsageError(f"{where}: needs 'label' (ProcessBench) or 'error_step' (paths.jsonl)")
             question, steps = row.get("problem", row.get("question")), row.get("steps")
             if not isinstance(question, str) or not isinstance(steps, list) or not isinstance(label, int):
-                raise ValueError(f"{where}: needs problem/question: str, steps: list, label: int")
-            rows.append({"id": f"{subset}:{row['id']}", "subset": subset, "problem": question,
-                         "steps": [str(s) for s in steps], "label": label})
+                raise common.UsageError(f"{where}: needs problem/question: str, steps: list, label: int")
+            rows.append({"id": f"{subset}:{row['id']}", "subset": subset, "question": question,
+                         "steps": [str(s) for s in steps], "label": label,
+                         **{k: row[k] for k in ("reference_steps",) if k in row},
+                         **({"gold_answer": str(row["gold_answer"])} if "gold_answer" in row else {})})
     return rows, skipped
 
 
-def processbench_by_subset(rows: list[dict], preds: list[int]) -> dict:
-    """Per-subset processbench_scores and their average F1 (over subsets where F1 is defined)."""
-    groups: dict[str, tuple[list, list]] = {}
-    for row, pred in zip(rows, preds):
-        p, l = groups.setdefault(row["subset"], ([], []))
-        p.append(pred)
-        l.append(row["label"])
-    subsets = {s: processbench_scores(p, l) for s, (p, l) in sorted(groups.items())}
-    f1s = [m["f1"] for m in subsets.values() if m["f1"] is not None]
-    return {"subsets": subsets, "average_f1": sum(f1s) / len(f1s) if f1s else None}
-
-
-def run_processbench(args, critic_name: str) -> dict:
+def run_processbench(args, critic) -> dict:
     rows, skipped = load_step_labelled(args.processbench)
     out = Path(args.out_dir)
     gen_dir = out / "generations"
-    check_cache_config(gen_dir / "processbench.config.json",
-                       {"critic": critic_name, "critic_max_new_tokens": args.critic_max_new_tokens})
-    critic = common.get_engine(critic_name, args.backend, args.device)
+    common.guard_config(gen_dir / "processbench.config.json",
+                        {"critic": critic.name, "critic_max_new_tokens": args.critic_max_new_tokens})
     with ResumableWriter(gen_dir / "processbench.jsonl") as w:
-        jobs = [([r["id"]], critic_messages(r["problem"], r["steps"])) for r in rows]
-        texts = cached_generate(critic, w, jobs, args.chunk_size, "critic (processbench)", temperature=0.0,
-                                max_new_tokens=args.critic_max_new_tokens)
-    crits = [parse_critique(texts[r["id"]], n_steps=len(r["steps"])) for r in rows]
+        texts = critic.critique(rows, w, desc="critic (processbench)")
+    crits = [parse_critique(t, n_steps=len(r["steps"])) for r, t in zip(rows, texts)]
     preds = [-1 if c.first_wrong_step is None else c.first_wrong_step - 1 for c in crits]
     malformed = sum(not c.ok for c in crits)
-    metrics = {"critic": critic_name, "files": [Path(p).name for p in args.processbench],
+    metrics = {"critic": critic.name, "files": [Path(p).name for p in args.processbench],
                **processbench_by_subset(rows, preds), "n": len(rows),
                "skipped_unlabelled": skipped, "malformed_critiques": malformed}
     common.write_json_atomic(out / "processbench.json", metrics)
@@ -240,185 +318,32 @@ def run_processbench(args, critic_name: str) -> dict:
     return metrics
 
 
+# -----------------------------------------------------------------------------
+# Report: metrics.md and two figures
+
+
 def processbench_table(m: dict) -> list[str]:
+    pct = common.pct
     lines = [f"critic `{m['critic']}` on {', '.join(m['files'])}: {m['n']} solutions, "
              f"{m['malformed_critiques']} malformed critiques, {m['skipped_unlabelled']} rows skipped "
              "(no exact error step). Prediction = the first step marked Wrong; F1 = harmonic mean of "
              "the accuracies on erroneous and on correct solutions.", "",
              "| subset | n | erroneous acc | correct acc | F1 |", "|---|---|---|---|---|"]
     for s, sub in m["subsets"].items():
-        lines.append(f"| {s} | {sub['n']} | {_pct(sub['acc_erroneous'])} ({sub['n_erroneous']}) | "
-                     f"{_pct(sub['acc_correct'])} ({sub['n_correct']}) | {_pct(sub['f1'])} |")
-    lines.append(f"| average | {m['n']} | | | {_pct(m['average_f1'])} |")
+        lines.append(f"| {s} | {sub['n']} | {pct(sub['acc_erroneous'])} ({sub['n_erroneous']}) | "
+                     f"{pct(sub['acc_correct'])} ({sub['n_correct']}) | {pct(sub['f1'])} |")
+    lines.append(f"| average | {m['n']} | | | {pct(m['average_f1'])} |")
     return lines
 
 
-# -----------------------------------------------------------------------------
-# Reporting helpers
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _ci(successes: int, n: int) -> dict:
-    p, lo, hi = accuracy_ci(successes, n)
-    return {"acc": p, "ci": [lo, hi], "correct": successes, "n": n}
-
-
 def _ci_str(c: dict) -> str:
-    if not c["n"]:
-        return "-"
-    return f"{_pct(c['acc'])} [{_pct(c['ci'][0])}, {_pct(c['ci'][1])}]"
-
-
-# -----------------------------------------------------------------------------
-# The pipeline: every phase is a few batched generate calls over all problems
-
-METHODS = ("actor", "parallel", "sequential", "sequential-last")
-LABELS = {"actor": "actor-only MV (3K samples)", "parallel": "parallel: K x (solve, critique, refine), MV",
-          "sequential": "sequential: K rounds, MV over rounds",
-          "sequential-last": "sequential: K rounds, last round"}
-
-
-def load_problems(path: str, limit: int | None) -> list[dict]:
-    rows = common.read_jsonl(path)
-    common.require_fields(rows, ["id", "question", "answer"], path)
-    return rows[:limit] if limit else rows
-
-
-def round_chains(pids: list[str], r: int, kmax: int) -> list[tuple[str, int]]:
-    """(problem, j) pairs of round r: round 1 critiques and refines the first kmax samples
-    (parallel); later rounds continue chain 0 only (sequential)."""
-    return [(pid, j) for pid in pids for j in (range(kmax) if r == 1 else [0])]
-
-
-def judged_id(pid: str, r: int, j: int) -> str:
-    """What round r critiques: sample j in round 1, the previous round's refinement after."""
-    return f"{pid}:sample:{j}" if r == 1 else f"{pid}:ref{r - 1}:{j}"
-
-
-def generate_all(args, problems, critic_name, pool, kmax) -> dict:
-    """id -> text: `{pid}:sample:{j}` (j < pool); per round r `{pid}:crit{r}:{j}` and `{pid}:ref{r}:{j}`."""
-    gen_dir = Path(args.out_dir) / "generations"
-    check_cache_config(gen_dir / "config.json", {
-        "actor": args.actor, "critic": critic_name, "temperature": args.temperature, "seed": args.seed,
-        "fewshot": args.fewshot, "fewshot_pool": Path(args.fewshot_pool).name if args.fewshot else None,
-        "actor_max_new_tokens": args.actor_max_new_tokens, "critic_max_new_tokens": args.critic_max_new_tokens})
-    actor = common.get_engine(args.actor, args.backend, args.device)
-    critic = common.get_engine(critic_name, args.backend, args.device)  # the same engine if same model
-    acting = dict(temperature=args.temperature, max_new_tokens=args.actor_max_new_tokens)
-    judging = dict(temperature=0.0, max_new_tokens=args.critic_max_new_tokens)  # the critic is greedy
-    by_id = {p["id"]: p for p in problems}
-    boxed = {pid: common.is_boxed_style(p) for pid, p in by_id.items()}
-    sample_ids = {pid: [f"{pid}:sample:{j}" for j in range(pool)] for pid in by_id}
-    with ResumableWriter(gen_dir / "samples.jsonl") as sw, ResumableWriter(gen_dir / "critiques.jsonl") as cw, \
-            ResumableWriter(gen_dir / "refinements.jsonl") as rw:
-        # backend "auto" decides on the stage's whole remaining work, not on its first call
-        todo = sum(i not in sw for ids in sample_ids.values() for i in ids) + sum(
-            f"{pid}:{kind}{r}:{j}" not in w for r in range(1, kmax + 1)
-            for pid, j in round_chains(list(by_id), r, kmax) for kind, w in (("crit", cw), ("ref", rw)))
-        if todo:
-            print(f"{todo} generations to do")
-            actor.backend(todo, args.actor_max_new_tokens)
-            critic.backend(todo, args.critic_max_new_tokens)
-        shots = common.read_jsonl(args.fewshot_pool) if args.fewshot else []
-        jobs = [(sample_ids[pid], common.solve_messages(p, shots, args.fewshot, args.seed))
-                for pid, p in by_id.items()]
-        text = cached_generate(actor, sw, jobs, args.chunk_size, "actor samples", args.seed, **acting)
-        for r in range(1, kmax + 1):
-            chains = round_chains(list(by_id), r, kmax)
-            steps = {(pid, j): split_steps(text[judged_id(pid, r, j)]) for pid, j in chains}
-            jobs = [([f"{pid}:crit{r}:{j}"], critic_messages(by_id[pid]["question"], steps[pid, j]))
-                    for pid, j in chains]
-            text |= cached_generate(critic, cw, jobs, args.chunk_size, f"critique round {r}", **judging)
-            # an unparseable critique is still handed over verbatim, as a user would
-            jobs = [([f"{pid}:ref{r}:{j}"], refine_messages(by_id[pid]["question"], steps[pid, j],
-                                                             text[f"{pid}:crit{r}:{j}"], boxed[pid]))
-                    for pid, j in chains]
-            text |= cached_generate(actor, rw, jobs, args.chunk_size, f"refine round {r}",
-                                    args.seed + 1000 * r, **acting)
-    return text
-
-
-def judge(text: dict, ids: list[str], gold: str) -> dict:
-    answers, correct = zip(*(check_solution(text[i], gold) for i in ids))
-    return {"answers": list(answers), "correct": list(correct), "classes": answer_classes(list(answers))}
-
-
-def score_problems(problems, text, pool, kmax, n_diff) -> tuple[list[dict], dict]:
-    per, crit_stats = [], {"critiques": 0, "malformed": 0, "no_final_verdict": 0}
-    for p in problems:
-        pid, gold = p["id"], str(p["answer"])
-        q = {"id": pid, "samples": judge(text, [f"{pid}:sample:{j}" for j in range(pool)], gold),
-             "refined": judge(text, [f"{pid}:ref1:{j}" for j in range(kmax)], gold),
-             "rounds": judge(text, [f"{pid}:ref{r}:0" for r in range(1, kmax + 1)], gold), "verdicts": []}
-        q["pass_rate"] = sum(q["samples"]["correct"][:n_diff]) / n_diff
-        for r in range(1, kmax + 1):
-            for _, j in round_chains([pid], r, kmax):
-                n_steps = len(split_steps(text[judged_id(pid, r, j)]))
-                crit = parse_critique(text[f"{pid}:crit{r}:{j}"], n_steps=n_steps)
-                crit_stats["critiques"] += 1
-                crit_stats["malformed"] += not crit.ok
-                crit_stats["no_final_verdict"] += crit.final_correct is None
-                if r == 1:  # discrimination: the critic on the actor's own samples
-                    q["verdicts"].append(crit.final_correct)
-        per.append(q)
-    return per, crit_stats
-
-
-def summarize(per, ks, kmax, pool, n_bins=5) -> dict:
-    n = len(per)
-    disc = discrimination_scores([v for q in per for v in q["verdicts"]],
-                                 [c for q in per for c in q["samples"]["correct"][:kmax]])
-    disc["accuracy_ci"] = _ci(disc["tp"] + disc["tn"], disc["n"])["ci"]
-    bins = difficulty_bins([q["pass_rate"] for q in per], n_bins)
-
-    def refine_effect(group):
-        before = [q["samples"]["correct"][0] for q in group]
-        after = [q["refined"]["correct"][0] for q in group]
-        return {"n": len(group), "before": _ci(sum(before), len(group)), "after": _ci(sum(after), len(group)),
-                "oracle": _ci(sum(b or a for b, a in zip(before, after)), len(group)),
-                "wrong_to_correct": sum(a and not b for b, a in zip(before, after)),
-                "correct_to_wrong": sum(b and not a for b, a in zip(before, after))}
-
-    by_bin = [{"bin": b, "range": bin_range(b, n_bins),
-               **refine_effect([q for q, qb in zip(per, bins) if qb == b])} for b in range(1, n_bins + 1)]
-    scaling = []
-    for k in ks:
-        for method in METHODS:
-            votes, any_ok = [], []
-            for q in per:
-                cl, ok = (select_candidates(method, k, q["samples"][f], q["refined"][f], q["rounds"][f])
-                          for f in ("classes", "correct"))
-                votes.append(vote(cl, ok))
-                any_ok.append(any(ok))
-            if method in ("actor", "parallel"):  # exchangeable samples: estimate from the whole pool
-                src, size, m = ("samples", pool, 3 * k) if method == "actor" else ("refined", kmax, k)
-                pass_est = sum(pass_at_k(size, sum(q[src]["correct"]), m) for q in per) / n
-                mv_est = sum(mv_at_k(q[src]["classes"], q[src]["correct"], m) for q in per) / n
-            else:  # ordered rounds: the prefix is the only honest estimate
-                pass_est, mv_est = sum(any_ok) / n, sum(v for v, _ in votes) / n
-            scaling.append({"method": method, "K": k, "budget": generation_budget(method, k),
-                            "n_answers": len(select_candidates(method, k, [0] * 3 * k, [0] * k, [0] * k)),
-                            **_ci(sum(v for v, _ in votes), n), "any_correct": sum(any_ok) / n,
-                            "pass_at_k": pass_est, "mv_at_k": mv_est,
-                            "agreement": sum(a for _, a in votes) / n})
-    answers = [a for q in per for a in q["samples"]["answers"]]
-    return {"discrimination": disc,
-            "critique_refine": {"overall": refine_effect(per), "by_difficulty": by_bin,
-                                "bin_rule": f"{n_bins} equal-width bins of the actor's pass rate, bin 1 = easiest"},
-            "scaling": {"budget_rule": "generations per problem: actor-only 3K, parallel 3K, sequential 1+2K",
-                        "rows": scaling},
-            "actor_no_answer_rate": sum(a is None for a in answers) / max(1, len(answers))}
-
-
-# -----------------------------------------------------------------------------
-# Output: metrics.md and two figures
+    pct = common.pct
+    return f"{pct(c['acc'])} [{pct(c['ci'][0])}, {pct(c['ci'][1])}]" if c["n"] else "-"
 
 
 def write_markdown(path: Path, m: dict) -> None:
     c, d, cr = m["config"], m["discrimination"], m["critique_refine"]
+    pct = common.pct
     cs = m["critique_parse"]
     lines = ["# The critic at test time", "",
              f"actor `{c['actor']}`, critic `{c['critic']}`; {c['n_problems']} problems from `{c['problems']}`; "
@@ -426,11 +351,11 @@ def write_markdown(path: Path, m: dict) -> None:
              "## Discrimination (critic's final verdict vs truth, no gold answer; positive class = Wrong)", "",
              "| answers judged | wrong answers | accuracy [95% CI] | precision | recall | F1 | no verdict |",
              "|---|---|---|---|---|---|---|",
-             f"| {d['n']} | {d['n_wrong_answers']} | {_pct(d['accuracy'])} [{_pct(d['accuracy_ci'][0])}, "
-             f"{_pct(d['accuracy_ci'][1])}] | {_pct(d['precision'])} | {_pct(d['recall'])} | {_pct(d['f1'])} | "
-             f"{_pct(d['unparseable_rate'])} |", "",
+             f"| {d['n']} | {d['n_wrong_answers']} | {pct(d['accuracy'])} [{pct(d['accuracy_ci'][0])}, "
+             f"{pct(d['accuracy_ci'][1])}] | {pct(d['precision'])} | {pct(d['recall'])} | {pct(d['f1'])} | "
+             f"{pct(d['unparseable_rate'])} |", "",
              f"Critiques: {cs['critiques']}, malformed {cs['malformed']}, without a final verdict "
-             f"{cs['no_final_verdict']}. Actor samples without an answer: {_pct(m['actor_no_answer_rate'])}%.", "",
+             f"{cs['no_final_verdict']}. Actor samples without an answer: {pct(m['actor_no_answer_rate'])}%.", "",
              f"## Critique -> refine, one round ({cr['bin_rule']})", "",
              "| bin (pass rate) | n | actor [95% CI] | actor + critic | oracle refine | wrong->right "
              "| right->wrong |",
@@ -444,8 +369,8 @@ def write_markdown(path: Path, m: dict) -> None:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in m["scaling"]["rows"]:
         lines.append(f"| {r['method']} | {r['K']} | {r['budget']} | {r['n_answers']} | {_ci_str(r)} | "
-                     f"{_pct(r['any_correct'])} | {_pct(r['pass_at_k'])} | {_pct(r['mv_at_k'])} | "
-                     f"{_pct(r['agreement'])} |")
+                     f"{pct(r['any_correct'])} | {pct(r['pass_at_k'])} | {pct(r['mv_at_k'])} | "
+                     f"{pct(r['agreement'])} |")
     lines += ["", "Percentages. acc: one run of the method (prefix of the sample pool); pass@k / MV@k: "
               "estimates over the whole pool (actor-only, parallel); agreement: share of votes for the winner."]
     if m.get("step_level"):
@@ -455,9 +380,7 @@ def write_markdown(path: Path, m: dict) -> None:
 
 
 def plot_figures(out: Path, m: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     bins = m["critique_refine"]["by_difficulty"]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.27
@@ -501,50 +424,50 @@ def parse_args(argv=None):
     p.add_argument("--processbench-only", action="store_true",
                    help="run only the step-level evaluation of --processbench (no actor sampling)")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="actor model: embedded name, hub id or folder")
-    p.add_argument("--critic", help="critic model (default: out/critic if it exists, else the embedded model)")
+    common.add_critic_args(p)
     common.add_backend_args(p)
-    p.add_argument("--limit", type=int, default=20, help="use the first N problems (0 = all)")
+    p.add_argument("--limit", type=common.count, default=0, help="use the first N problems (0 = all)")
     p.add_argument("--out-dir", default="out/test_time", help="where metrics, figures and generations go")
     p.add_argument("--temperature", type=float, default=0.7, help="actor sampling temperature (paper: 0.7)")
     common.add_fewshot_args(p)
-    p.add_argument("--actor-max-new-tokens", type=int, default=256, help="actor budget per solution (paper: 1024)")
-    p.add_argument("--critic-max-new-tokens", type=int, default=384, help="critic budget per critique (paper: 1536)")
-    p.add_argument("--k-values", default="1,2", help="comma-separated K for the equal-budget comparison "
-                   "(1,2 keeps a 2-core CPU run of 20 problems under 10 minutes; K=4 adds 6 sequential "
-                   "rounds there)")
-    p.add_argument("--difficulty-samples", type=int, default=8,
+    p.add_argument("--actor-max-new-tokens", type=common.positive, default=256,
+                   help="actor budget per solution (paper: 1024)")
+    p.add_argument("--k-values", type=common.int_list, default=[1, 2],
+                   help="comma-separated K for the equal-budget comparison (1,2 keeps a 2-core CPU run "
+                        "of 20 problems under 10 minutes; K=4 adds 6 sequential rounds there)")
+    p.add_argument("--difficulty-samples", type=common.positive, default=8,
                    help="actor samples per problem whose pass rate sets the difficulty bin")
-    p.add_argument("--chunk-size", type=int, default=2048,
+    p.add_argument("--chunk-size", type=common.positive, default=2048,
                    help="sequences per generate call; a killed run loses at most one chunk")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.processbench_only and not args.processbench:
+        p.error("--processbench-only needs --processbench FILE...")
+    return args
 
 
 def main(args):
     start = time.time()
-    critic_name = pick_critic(args.critic)
     if args.processbench_only:
-        if not args.processbench:
-            raise SystemExit("--processbench-only needs --processbench FILE...")
-        return run_processbench(args, critic_name)
-    ks = sorted({int(k) for k in args.k_values.split(",")})
-    if ks[0] < 1:
-        raise SystemExit(f"--k-values must be positive integers, got {args.k_values!r}")
+        return run_processbench(args, common.make_critic(args))
+    ks = sorted(set(args.k_values))
     kmax, n_diff = max(ks), args.difficulty_samples
     pool = max(3 * kmax, n_diff)
     problems = load_problems(args.problems, args.limit)
     if not problems:
-        raise SystemExit(f"no problems in {args.problems}")
-    print(f"actor: {args.actor}; {len(problems)} problems from {args.problems}; {pool} samples each; K = {ks}")
-    text = generate_all(args, problems, critic_name, pool, kmax)
-    per, crit_stats = score_problems(problems, text, pool, kmax, n_diff)
-    m = {"config": {"actor": args.actor, "critic": critic_name, "problems": Path(args.problems).name,
+        raise common.UsageError(f"{args.problems}: no problems")
+    critic = common.make_critic(args)
+    print(f"actor: {args.actor}; critic: {critic.name}; {len(problems)} problems from {args.problems}; "
+          f"{pool} samples each; K = {ks}")
+    gen = generate_all(args, problems, critic, pool, kmax)
+    per, crit_stats = score_problems(problems, gen, pool, kmax, n_diff)
+    m = {"config": {"actor": args.actor, "critic": critic.name, "problems": Path(args.problems).name,
                     "n_problems": len(problems), "k_values": ks, "pool": pool, "difficulty_samples": n_diff,
                     "temperature": args.temperature, "actor_max_new_tokens": args.actor_max_new_tokens,
                     "critic_max_new_tokens": args.critic_max_new_tokens, "seed": args.seed},
-         **summarize(per, ks, kmax, pool), "critique_parse": crit_stats}
+         **summarize_metrics(per, ks, kmax, pool), "critique_parse": crit_stats}
     if args.processbench:  # after the main phases, so backend "auto" was sized on their work
-        m["step_level"] = run_processbench(args, critic_name)
+        m["step_level"] = run_processbench(args, critic)
     m["wall_s"] = round(time.time() - start, 1)
     out = Path(args.out_dir)
     bins = difficulty_bins([q["pass_rate"] for q in per])
@@ -562,4 +485,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(main, parse_args)

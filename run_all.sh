@@ -13,43 +13,52 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Presets: each sets defaults only (`: "${VAR:=value}"` keeps a value you exported).
 PRESET=${PRESET:-default}
 case $PRESET in
   # The CPU presets turn the N/k filter off (FILTER_K=0) and add the reference solutions as
   # correct paths: the 135M actor almost never refines correctly (the tiny run kept 1 of 16
   # flawed critiques at N=2, k=1) nor writes a correct path, which would leave the critic
-  # nothing to learn from. The paper preset applies the filter.
-  tiny)    d=(60 8 4 2 2 0 1 48 8 4 "1,2" 4 96 160) ;;
-  default) d=(2000 200 24 4 4 0 2 40 0 20 "1,2" 8 192 384) ;;
-  paper)   d=(0 0 0 10 8 2 5 0 500 0 "1,2,4,8,16,32" 32 1024 1536) ;;
+  # nothing to learn from. They also balance the critic data and hold out a quarter of the
+  # problems. The paper preset applies the filter.
+  tiny)
+    : "${N_TRAIN:=60}" "${N_TEST:=8}" "${ERR_PROBLEMS:=4}" "${RG_SAMPLES:=2}"
+    : "${METHODS:=rg1,rg2,rg3,reference}" "${FILTER_N:=2}" "${FILTER_K:=0}"
+    : "${EPOCHS:=1}" "${TRAIN_ROWS:=48}" "${EVAL_ROWS:=8}" "${VAL_FRACTION:=0.25}" "${BALANCE:=1}"
+    : "${TEST_PROBLEMS:=4}" "${K_VALUES:=1,2}" "${DIFF_SAMPLES:=4}"
+    : "${ACTOR_TOKENS:=96}" "${CRITIC_TOKENS:=160}" ;;
+  default)
+    : "${N_TRAIN:=2000}" "${N_TEST:=200}" "${ERR_PROBLEMS:=24}" "${RG_SAMPLES:=4}"
+    : "${METHODS:=rg1,rg2,rg3,reference}" "${FILTER_N:=4}" "${FILTER_K:=0}"
+    : "${EPOCHS:=2}" "${TRAIN_ROWS:=40}" "${EVAL_ROWS:=0}" "${VAL_FRACTION:=0.25}" "${BALANCE:=1}"
+    : "${TEST_PROBLEMS:=20}" "${K_VALUES:=1,2}" "${DIFF_SAMPLES:=8}"
+    : "${ACTOR_TOKENS:=192}" "${CRITIC_TOKENS:=384}" ;;
+  paper)
+    : "${N_TRAIN:=0}" "${N_TEST:=0}" "${ERR_PROBLEMS:=0}" "${RG_SAMPLES:=10}"
+    : "${METHODS:=rg1,rg2,rg3}" "${FILTER_N:=8}" "${FILTER_K:=2}"
+    : "${EPOCHS:=5}" "${TRAIN_ROWS:=0}" "${EVAL_ROWS:=500}" "${VAL_FRACTION:=0.1}" "${BALANCE:=0}"
+    : "${TEST_PROBLEMS:=0}" "${K_VALUES:=1,2,4,8,16,32}" "${DIFF_SAMPLES:=32}"
+    : "${ACTOR_TOKENS:=1024}" "${CRITIC_TOKENS:=1536}" ;;
   *) echo "PRESET must be tiny, default or paper" >&2; exit 2 ;;
 esac
-N_TRAIN=${N_TRAIN:-${d[0]}}            # built-in problems (0 = all of a real data set)
-N_TEST=${N_TEST:-${d[1]}}
-ERR_PROBLEMS=${ERR_PROBLEMS:-${d[2]}}  # problems stage 01 makes flawed paths for (0 = all)
-RG_SAMPLES=${RG_SAMPLES:-${d[3]}}      # RG1 samples per problem (RG2/RG3 use half)
-FILTER_N=${FILTER_N:-${d[4]}}          # stage 03: refinements per critique ...
-FILTER_K=${FILTER_K:-${d[5]}}          # ... of which at least K must be right (0 = filter off)
-EPOCHS=${EPOCHS:-${d[6]}}
-TRAIN_ROWS=${TRAIN_ROWS:-${d[7]}}      # cap on critic SFT rows (0 = all)
-EVAL_ROWS=${EVAL_ROWS:-${d[8]}}        # held-out critiques the trained critic is scored on (0 = all)
-TEST_PROBLEMS=${TEST_PROBLEMS:-${d[9]}}
-K_VALUES=${K_VALUES:-${d[10]}}
-DIFF_SAMPLES=${DIFF_SAMPLES:-${d[11]}} # actor samples per test problem for the difficulty bins
-ACTOR_TOKENS=${ACTOR_TOKENS:-${d[12]}}
-CRITIC_TOKENS=${CRITIC_TOKENS:-${d[13]}}
-
-if [[ $PRESET == paper ]]; then d_methods=rg1,rg2,rg3; else d_methods=rg1,rg2,rg3,reference; fi
-METHODS=${METHODS:-$d_methods}         # stage 01 path generators
+# What each knob means (0 means "all" wherever it is a count of problems or rows):
+#   N_TRAIN, N_TEST   built-in problems per split (0 = all of a real data set)
+#   ERR_PROBLEMS      problems stage 01 makes flawed paths for
+#   RG_SAMPLES        RG1 samples per problem (RG2/RG3 use half); METHODS: stage 01's generators
+#   FILTER_N, FILTER_K  stage 03: N refinements per critique, keep it if >= K are right (0 = off)
+#   EPOCHS, TRAIN_ROWS  critic training epochs and cap on its SFT rows
+#   EVAL_ROWS         held-out critiques the trained critic is scored on
+#   VAL_FRACTION      share of problems whose paths the critic never sees
+#   BALANCE           1: train the critic on as many correct as flawed paths
+#   TEST_PROBLEMS, K_VALUES, DIFF_SAMPLES  stage 05: problems, K for equal budget, samples per
+#                     problem for the difficulty bins
+#   ACTOR_TOKENS, CRITIC_TOKENS  generation budgets of one solution / one critique
 SOURCE=${SOURCE:-builtin}              # builtin | gsm8k | math
 ACTOR=${ACTOR:-smollm2-135m}           # any HF id or local path
 CRITIC_BASE=${CRITIC_BASE:-$ACTOR}     # the model the critic is fine-tuned from
 BACKEND=${BACKEND:-auto}               # auto | hf | vllm
 DEVICE=${DEVICE:-}                     # cuda | npu | cpu (empty: best available)
 LR=${LR:-1e-4}                         # 1e-4 suits a 135M model on a few hundred rows; paper: 5e-6
-if [[ $PRESET == paper ]]; then d_val=0.1 d_bal=0; else d_val=0.25 d_bal=1; fi
-VAL_FRACTION=${VAL_FRACTION:-$d_val}   # share of problems whose paths the critic never sees
-BALANCE=${BALANCE:-$d_bal}             # 1: train the critic on as many correct as flawed paths
 OUT=${OUT:-out/$PRESET}
 DATA=${DATA:-$OUT/data}
 PY=${PY:-.venv/bin/python}
@@ -58,7 +67,6 @@ bash setup.sh
 mkdir -p "$OUT/logs"
 common=(--backend "$BACKEND")
 [[ -n $DEVICE ]] && common+=(--device "$DEVICE")
-nz() { [[ $2 != 0 ]] && echo "$1 $2"; true; }   # a flag only when its value is not 0
 
 stage() {  # stage NAME COMMAND...: run once, log to $OUT/logs/NAME.log, mark done
   local name=$1; shift
@@ -84,7 +92,7 @@ stage 00_prepare_data $PY 00_prepare_data.py "${prep[@]}"
 # --- 01-03 AutoMathCritique: flawed paths -> step-level critiques -> keep the helpful ones
 half=$(( (RG_SAMPLES + 1) / 2 ))
 stage 01_generate_errors $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_train.jsonl" \
-  --out "$OUT/paths.jsonl" --actor "$ACTOR" --methods "$METHODS" $(nz --limit "$ERR_PROBLEMS") "${common[@]}" \
+  --out "$OUT/paths.jsonl" --actor "$ACTOR" --methods "$METHODS" --limit "$ERR_PROBLEMS" "${common[@]}" \
   --rg1-samples "$RG_SAMPLES" --rg2-samples "$half" --rg3-samples "$half" \
   --max-new-tokens "$ACTOR_TOKENS"
 stage 02_annotate $PY 02_annotate.py --paths "$OUT/paths.jsonl" --out "$OUT/annotations.jsonl"
@@ -94,13 +102,13 @@ stage 03_filter $PY 03_filter.py --annotations "$OUT/annotations.jsonl" --out-di
 # --- 04 critic training, 05 the critic at test time
 balance=(); [[ $BALANCE == 1 ]] && balance=(--balance)
 stage 04_train_critic $PY 04_train_critic.py --data "$OUT/critic_sft.jsonl" \
-  --model "$CRITIC_BASE" --output-dir "$OUT/critic" --epochs "$EPOCHS" --lr "$LR" \
-  --val-fraction "$VAL_FRACTION" "${balance[@]}" $(nz --max-train-rows "$TRAIN_ROWS") \
+  --model "$CRITIC_BASE" --out-dir "$OUT/critic" --epochs "$EPOCHS" --lr "$LR" \
+  --val-fraction "$VAL_FRACTION" "${balance[@]}" --max-train-rows "$TRAIN_ROWS" \
   --max-eval-rows "$EVAL_ROWS" --eval-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 # Step-labelled paths on test problems (inserted mistakes at known steps + reference solutions)
 # for 05's ProcessBench-style score: the critic has never seen these problems.
 stage 05_test_paths $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_test.jsonl" \
-  --out "$OUT/test_paths.jsonl" --actor "$ACTOR" --methods rg3,reference $(nz --limit "$TEST_PROBLEMS") \
+  --out "$OUT/test_paths.jsonl" --actor "$ACTOR" --methods rg3,reference --limit "$TEST_PROBLEMS" \
   --rg3-samples 1 --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
 stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" --limit "$TEST_PROBLEMS" \
@@ -108,4 +116,4 @@ stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --fewshot-pool "$DATA/${SOURCE}_train.jsonl" \
   --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 
-echo "== all stages done; results in $OUT (filter_stats.md, critic/eval.json, test_time/metrics.md)"
+echo "== all stages done; results in $OUT (critic_sft.stats.md, critic/eval.json, test_time/metrics.md)"

@@ -17,12 +17,12 @@ import common
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="data/builtin_test.jsonl", help="problems JSONL (00's schema)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--limit", type=common.count, default=0, help="only the first N problems (0 = all)")
     p.add_argument("--actor", default=common.DEFAULT_MODEL, help="HF model id, local path or 'smollm2-135m'")
     common.add_backend_args(p)
-    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("--n", type=common.positive, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per sample")
+    p.add_argument("--max-new-tokens", type=common.positive, default=256, help="generation budget per sample")
     common.add_fewshot_args(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="write every sample here (JSONL, resumable)")
@@ -31,8 +31,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    problems = common.read_jsonl(args.problems, required=("id", "question", "answer"))[:args.limit]
-    pool = common.read_jsonl(args.fewshot_pool) if args.fewshot else []
+    problems = common.take(common.read_jsonl(args.problems, ("id", "question", "answer"),
+                                             nonempty=True), args.limit)
+    pool = common.load_fewshot_pool(args)
     writer = common.ResumableWriter(args.out) if args.out else None
     done = writer.done if writer else set()
     # A problem's n samples are written together; the last one marks the problem done.
@@ -74,4 +75,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(main, parse_args)

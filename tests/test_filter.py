@@ -57,7 +57,7 @@ def test_refinement_record_keep_path():
     row = bad("p1", gold="5")
     texts = ["2 + 3 = 6\nThe answer is 6.", "gibberish with no answer",
              "2 + 3 = 5\nThe answer is 5.", "Step 1: 2 + 3 = 5\nThe answer is 5."]
-    rec = flt.refinement_record(row, texts, k=1, config={"n": 4})
+    rec = flt.refinement_record(row, texts, k=1)
     assert rec["id"] == row["id"]
     assert rec["answers"] == ["6", None, "5", "5"]
     assert rec["n_correct"] == 2 and rec["kept"] is True
@@ -76,12 +76,6 @@ def test_classify():
     broken = bad("p4")
     broken["critique"] = "I think it is fine."
     assert flt.classify(broken) == "unusable: malformed critique"
-
-
-def test_chunk_seed_is_stable():
-    assert flt.chunk_seed(["a", "b"]) == flt.chunk_seed(["a", "b"])
-    assert flt.chunk_seed(["a", "b"]) != flt.chunk_seed(["a", "c"])
-    assert flt.chunk_seed(["a"], 5) == flt.chunk_seed(["a"]) + 5
 
 
 # -----------------------------------------------------------------------------
@@ -127,9 +121,9 @@ def test_build_sft_and_stats_numbers():
     assert s["critic_sft"] == {"rows": 4, "verdict_correct": 2, "verdict_wrong": 2, "share_wrong": 0.5}
     assert s["refine_sft"] == {"rows": 2}
     md = flt.stats_markdown(s)
-    assert "| rg2 | 7 | 2 | - | 0 | 2 | 2 | 2 | 100.0% |" in md
-    assert "| rg1 | 10 | 3 | 1 | 2 | 1 | 1 | 0 | 0.0% |" in md
-    assert "| 1 | 2 | 2 | 1 | 50.0% |" in md
+    assert "| rg2 | 7 | 2 | - | 0 | 2 | 2 | 2 | 100.0 |" in md
+    assert "| rg1 | 10 | 3 | 1 | 2 | 1 | 1 | 0 | 0.0 |" in md
+    assert "| 1 | 2 | 2 | 1 | 50.0 |" in md
     assert "Correct 2 / Wrong 2" in md
 
 
@@ -194,9 +188,9 @@ def test_main_end_to_end_and_resume(tmp_path, tiny_model_path):
     assert all(len(r["answers"]) == 2 and r["n_correct"] == 0 and not r["kept"] for r in progress)
     assert stats["by_method"]["rg2"]["kept_rate"] == 0.0
     assert stats["annotation"]["dropped"] == 1
-    for name in ("filter_stats.json", "filter_stats.md", "filter_stats.png"):
+    for name in ("critic_sft.stats.json", "critic_sft.stats.md", "critic_sft.stats.png"):
         assert (out / name).stat().st_size > 0
-    before = {n: (out / n).read_text() for n in ("critic_sft.jsonl", "refine_sft.jsonl", "filter_stats.md")}
+    before = {n: (out / n).read_text() for n in ("critic_sft.jsonl", "refine_sft.jsonl", "critic_sft.stats.md")}
 
     # kill -9 while the second progress row was being written, then rerun
     data = (out / "refinements.jsonl").read_bytes()
@@ -208,7 +202,7 @@ def test_main_end_to_end_and_resume(tmp_path, tiny_model_path):
     assert {n: (out / n).read_text() for n in before} == before
 
     # other settings on the same progress file are refused, not silently mixed
-    with pytest.raises(SystemExit):
+    with pytest.raises(common.UsageError, match="another setup"):
         run(ann, out, tiny_model_path, "--n", "3")
 
 
@@ -219,11 +213,11 @@ def test_main_filter_off_skips_the_actor(tmp_path):
     assert not (out / "refinements.jsonl").read_text()
     assert len(common.read_jsonl(out / "critic_sft.jsonl")) == 3
     assert stats["filter"].startswith("filter off")
-    assert "filter off" in (out / "filter_stats.md").read_text()
+    assert "filter off" in (out / "critic_sft.stats.md").read_text()
 
 
 def test_main_reports_malformed_row(tmp_path):
     ann = tmp_path / "annotations.jsonl"
     ann.write_text(json.dumps(good("p1")) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"annotations.jsonl:2"):
+    with pytest.raises(common.UsageError, match=r"annotations.jsonl:2: malformed JSON row"):
         run(ann, tmp_path / "out", "unused")

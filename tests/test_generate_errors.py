@@ -250,3 +250,23 @@ def test_reference_method_adds_one_correct_path_per_problem(tmp_path, problems_f
     assert all(r["is_correct"] and r["error_step"] is None for r in rows)
     assert [r["steps"] for r in rows] == [p["reference_steps"] for p in PROBLEMS]
     assert stats["by_method"]["reference"]["correct"] == len(PROBLEMS)
+
+
+def test_actor_prompt_is_the_kits_one_fewshot_path(problems_file, tmp_path):
+    """01 prompts the actor exactly as solve.py and 05 do (common.solve_messages); its worked
+    examples come from --fewshot-pool, else from its own train problems, never from a test split."""
+    args = stage.parse_args(["--problems", str(problems_file), "--fewshot", "1"])
+    assert args.fewshot_pool is None
+    shots = common.load_fewshot_pool(args, PROBLEMS)
+    setup = stage.GenerationSetup(args, shots, {})
+    prompt = setup.prompt(PROBLEMS[0])
+    assert prompt == common.solve_messages(PROBLEMS[0], PROBLEMS, 1, args.seed)
+    assert len(prompt) == 4 and prompt[1]["content"] != PROBLEMS[0]["question"]  # one other problem
+    test_split = [dict(p, split="test") for p in PROBLEMS]
+    with pytest.raises(common.UsageError, match="--fewshot-pool"):
+        common.load_fewshot_pool(args, test_split)
+    pool = tmp_path / "pool.jsonl"
+    common.write_jsonl_atomic(pool, PROBLEMS[1:2])
+    args = stage.parse_args(["--problems", str(problems_file), "--fewshot-pool", str(pool)])
+    assert common.load_fewshot_pool(args, test_split) == PROBLEMS[1:2]
+    assert common.load_fewshot_pool(stage.parse_args(["--fewshot", "0"]), test_split) == []

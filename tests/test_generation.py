@@ -5,9 +5,14 @@ import torch
 import common
 
 
-def test_device_and_dtype_choice():
-    assert common.pick_device("cpu") == "cpu"
-    assert common.pick_device(None) in {"cuda", "npu", "cpu"}
+def test_device_and_dtype_choice(monkeypatch):
+    assert common.pick_device("cpu") == "cpu" and common.pick_device("npu:1") == "npu:1"
+    # the order is cuda -> npu -> cpu, and "auto" is the same as no choice
+    for cuda, npu, expected in [(True, True, "cuda"), (False, True, "npu"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(common, "npu_available", lambda: npu)
+        assert common.pick_device(None) == common.pick_device("auto") == expected
+    monkeypatch.undo()
     assert common.pick_dtype("cpu", "bf16") is torch.bfloat16
     expected = torch.bfloat16 if common.cpu_has_fast_bf16() else torch.float32
     assert common.pick_dtype("cpu") is expected
@@ -72,13 +77,25 @@ def test_embedded_model_loads_from_safetensors_cache(embedded_model_path):
     assert not any(name.endswith((".bin", ".gguf")) for name in files)
 
 
-def test_embedded_model_writes_a_solution(embedded_model_path):
+def test_embedded_model_batched_greedy_equals_plain_generate(embedded_model_path):
+    """The engine's batched, left-padded, sorted-by-length greedy decoding gives each prompt the
+    text a plain one-prompt `model.generate` gives it: padding, ordering and decoding are right."""
     engine = common.Engine(common.DEFAULT_MODEL, backend="hf", device="cpu")
-    problem = "Sam has 3 bags with 4 apples each. How many apples does he have?"
-    out = engine.generate([common.actor_messages(problem)], n=1, temperature=0, max_new_tokens=48)
-    text = out[0][0]
-    assert len(text.split()) > 5
-    assert any(ch.isdigit() for ch in text)  # it talks about the numbers, whatever its skill
+    problems = ["Sam has 3 bags with 4 apples each. How many apples does he have?",
+                "What is 10 - 4?"]  # two lengths: the shorter prompt is left-padded in the batch
+    prompts = [common.actor_messages(q) for q in problems]
+    batched = engine.generate(prompts, n=1, temperature=0, max_new_tokens=32)
+    backend = engine._backend
+    tok = backend.tokenizer
+    for prompt, (text,) in zip(prompts, batched):
+        ids = tok(engine.render(prompt), return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            plain = backend.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=32, pad_token_id=tok.pad_token_id)
+        expected = tok.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+        assert text == expected
+        assert "<|im_" not in text and "You solve math problems" not in text  # no template echo
+    assert any(ch.isdigit() for ch in batched[0][0])
 
 
 @pytest.mark.skipif(not common.vllm_available(), reason="vLLM is not installed")

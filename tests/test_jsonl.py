@@ -16,16 +16,30 @@ from conftest import ROOT
 def test_read_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"id": 1}\n\n{"id": 2}\n{"id": 3,\n')
-    with pytest.raises(ValueError, match=r"rows.jsonl:4: malformed JSON row"):
+    with pytest.raises(common.UsageError, match=r"rows.jsonl:4: malformed JSON row"):
         common.read_jsonl(path)
     path.write_text('{"id": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"rows.jsonl:2: expected a JSON object"):
+    with pytest.raises(common.UsageError, match=r"rows.jsonl:2: expected a JSON object, got list"):
+        common.read_jsonl(path)
+    path.write_bytes(b'{"id": 1}\n{"id": "\xff"}\n')
+    with pytest.raises(common.UsageError, match=r"rows.jsonl:2: not UTF-8 text"):
         common.read_jsonl(path)
 
 
-def test_require_fields_names_the_row(tmp_path):
-    with pytest.raises(ValueError, match=r"row 2 \(id='b'\) lacks \['question'\]"):
-        common.require_fields([{"id": "a", "question": "q"}, {"id": "b"}], ["id", "question"], "x.jsonl")
+def test_required_fields_missing_file_and_empty_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a", "question": "q"}\n{"id": "b"}\n')
+    with pytest.raises(common.UsageError, match=r"rows.jsonl:2: missing field\(s\) question$"):
+        common.read_jsonl(path, required=("id", "question"))
+    assert [r["id"] for r in common.read_jsonl(path, required=("id",))] == ["a", "b"]
+    with pytest.raises(common.UsageError, match=r"nowhere.jsonl: no such file$"):
+        common.read_jsonl(tmp_path / "nowhere.jsonl")
+    with pytest.raises(common.UsageError, match=r"is a folder"):
+        common.read_jsonl(tmp_path)
+    path.write_text("\n\n")
+    assert common.read_jsonl(path) == []
+    with pytest.raises(common.UsageError, match=r"rows.jsonl: no rows$"):
+        common.read_jsonl(path, nonempty=True)
 
 
 def test_writer_recovers_from_torn_last_line(tmp_path):
@@ -47,7 +61,7 @@ def test_writer_recovers_from_torn_last_line(tmp_path):
 def test_writer_refuses_corruption_in_the_middle(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match=r"out.jsonl:2"):
+    with pytest.raises(common.UsageError, match=r"out.jsonl:2: malformed JSON row"):
         common.ResumableWriter(path)
 
 

@@ -61,5 +61,14 @@ def test_step_count_mismatch_is_reported():
 
 
 def test_parse_critique_never_raises_on_odd_input():
-    for text in ["Step 99999999999999999999: x", "Final verdict:", "\x00\x01", "Step 1:\n" * 500, None]:
-        common.parse_critique(text)
+    huge = common.parse_critique("Step 99999999999999999999: x")
+    assert [s.index for s in huge.steps] == [99999999999999999999] and huge.steps[0].correct is None
+    assert huge.problems == ["steps without a verdict: [99999999999999999999]",
+                             "steps are not numbered 1..n", "no final verdict"]
+    for text in ["Final verdict:", "\x00\x01", None, ""]:  # no verdict word, no steps
+        c = common.parse_critique(text)
+        assert c.steps == [] and c.final_correct is None
+        assert c.problems == ["no step verdicts", "no final verdict"]
+    many = common.parse_critique("Step 1:\n" * 500, n_steps=3)
+    assert len(many.steps) == 500 and not many.ok
+    assert "500 step verdicts for 3 steps" in many.problems and "steps are not numbered 1..n" in many.problems

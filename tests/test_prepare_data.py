@@ -157,7 +157,7 @@ def test_math_conversion_nested_boxed_and_missing_answer(tmp_path):
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
     path = write_lines(tmp_path / "bad.jsonl", [GSM8K_ROWS[0], "", bad])
     args = prep.parse_args(["--source", "gsm8k", "--gsm8k-train", path, "--out-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3") + ".*" + message):
+    with pytest.raises(common.UsageError, match=re.escape(f"{path}:3") + ".*" + message):
         prep.main(args)
     assert not list(tmp_path.glob("gsm8k_*.jsonl*"))
 

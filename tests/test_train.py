@@ -90,23 +90,6 @@ def test_actor_sft_records():
 # Training with a tiny random Llama
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, embedded_model_path):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = common.load_tokenizer(embedded_model_path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
-                      max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def records(n=8):
     return [{"id": f"r{i}", "messages": [
         {"role": "user", "content": f"What is {i} + 1?"},
@@ -119,9 +102,9 @@ def losses(out_dir):
     return done, [h["loss"] for h in done["log_history"] if "loss" in h]
 
 
-def test_sft_learns_and_saves_a_plain_model(tiny_model, tmp_path):
+def test_sft_learns_and_saves_a_plain_model(tiny_model_path, tmp_path):
     out = tmp_path / "sft"
-    path = common.sft_train(tiny_model, records(), out, eval_records=records(2), epochs=4,
+    path = common.sft_train(tiny_model_path, records(), out, eval_records=records(2), epochs=4,
                             lr=1e-2, batch_size=8, logging_steps=1, save_steps=100)
     assert path == str(out)
     done, ls = losses(out)
@@ -136,13 +119,13 @@ def test_sft_learns_and_saves_a_plain_model(tiny_model, tmp_path):
     model, tok = common.load_model(str(out), device="cpu")
     assert model.config.use_cache and tok.eos_token == "<|im_end|>"
     # The same settings again return at once; other settings refuse to overwrite silently.
-    assert common.sft_train(tiny_model, records(), out, eval_records=records(2), epochs=4,
+    assert common.sft_train(tiny_model_path, records(), out, eval_records=records(2), epochs=4,
                             lr=1e-2, batch_size=8) == str(out)
     with pytest.raises(SystemExit, match="other settings"):
-        common.sft_train(tiny_model, records(), out, epochs=5, lr=1e-2, batch_size=8)
+        common.sft_train(tiny_model_path, records(), out, epochs=5, lr=1e-2, batch_size=8)
 
 
-def test_sft_resumes_after_a_kill(tiny_model, tmp_path, monkeypatch):
+def test_sft_resumes_after_a_kill(tiny_model_path, tmp_path, monkeypatch):
     import transformers
     from transformers import TrainerCallback
 
@@ -172,25 +155,25 @@ def test_sft_resumes_after_a_kill(tiny_model, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(transformers, "Trainer", trainer_with(KillAfterFirstSave()))
         with pytest.raises(Killed):
-            common.sft_train(tiny_model, records(), out, **kw)
+            common.sft_train(tiny_model_path, records(), out, **kw)
     # Nothing looks final after the kill, and the checkpoint of step 2 is complete.
     assert not (out / "config.json").exists() and not (out / common.SFT_DONE).exists()
     assert common.last_complete_checkpoint(out / "checkpoints").endswith("checkpoint-2")
     with pytest.raises(SystemExit, match="other settings"):  # never resume someone else's run
-        common.sft_train(tiny_model, records(), out, **{**kw, "lr": 2e-3})
+        common.sft_train(tiny_model_path, records(), out, **{**kw, "lr": 2e-3})
     counter = StepCounter()
     with monkeypatch.context() as m:
         m.setattr(transformers, "Trainer", trainer_with(counter))
-        common.sft_train(tiny_model, records(), out, **kw)
+        common.sft_train(tiny_model_path, records(), out, **kw)
     assert counter.steps == [3, 4]  # resumed: steps 1-2 are not trained again
     done, _ = losses(out)
     assert done["resumed_from"] == "checkpoint-2" and done["global_step"] == 4
     assert (out / "model.safetensors").exists()
 
 
-def test_lora_is_merged_into_a_plain_model(tiny_model, tmp_path):
+def test_lora_is_merged_into_a_plain_model(tiny_model_path, tmp_path):
     out = tmp_path / "lora"
-    common.sft_train(tiny_model, records(4), out, epochs=1, lr=1e-2, batch_size=4, lora=True,
+    common.sft_train(tiny_model_path, records(4), out, epochs=1, lr=1e-2, batch_size=4, lora=True,
                      lora_r=4, save_steps=100)
     assert not list(out.glob("adapter_*"))
     model, _ = common.load_model(str(out), device="cpu")
@@ -201,7 +184,7 @@ def test_lora_is_merged_into_a_plain_model(tiny_model, tmp_path):
 # Stage 04 end to end
 
 
-def test_stage04_end_to_end(tiny_model, tmp_path):
+def test_stage04_end_to_end(tiny_model_path, tmp_path):
     stage = load_stage("04_train_critic")
     rows = []
     for p in range(6):
@@ -220,19 +203,21 @@ def test_stage04_end_to_end(tiny_model, tmp_path):
     assert stage.split_by_problem(rows, 0.34) == (train, val)
 
     out = tmp_path / "critic"
-    args = stage.parse_args(["--data", str(data), "--model", tiny_model, "--output-dir", str(out),
+    args = stage.parse_args(["--data", str(data), "--model", tiny_model_path, "--out-dir", str(out),
                              "--val-fraction", "0.34", "--epochs", "1", "--batch-size", "4",
                              "--eval-max-new-tokens", "8", "--backend", "hf"])
     stage.main(args)
     result = json.loads((out / "eval.json").read_text())
     assert list(result["rows"]) == ["trained critic", "base model", "majority class (Wrong)"]
     assert result["n_eval"] == 6
-    for r in result["rows"].values():
-        assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
     # 8 new tokens from a random model cannot reach a final verdict: unparseable, counted wrong.
-    assert result["rows"]["trained critic"]["unparseable"] == 6
-    assert result["rows"]["trained critic"]["accuracy"] == 0
-    assert result["rows"]["majority class (Wrong)"]["accuracy"] == 0.5
+    # The held-out half is 3 correct + 3 flawed paths, so always answering Wrong scores 3/6.
+    for name, correct, unparseable in [("trained critic", 0, 6), ("base model", 0, 6),
+                                       ("majority class (Wrong)", 3, 0)]:
+        r = result["rows"][name]
+        assert (r["n"], r["correct"], r["unparseable"]) == (6, correct, unparseable), name
+        assert [r["accuracy"], *r["ci95"]] == list(common.accuracy_ci(correct, 6))
+    assert result["rows"]["majority class (Wrong)"]["balanced_accuracy"] == 0.5
     assert (out / "eval.md").exists() and (out / "eval.png").exists()
     assert len(common.read_jsonl(out / "eval_generations.jsonl")) == 12
 
@@ -255,3 +240,57 @@ def test_balanced_sample_and_balanced_accuracy():
     mixed = stage.score([True, None, False, False, False, True, None, False], truth)
     assert mixed["acc_on_correct_paths"] == 0.5 and mixed["acc_on_flawed_paths"] == 4 / 6
     assert mixed["balanced_accuracy"] == (0.5 + 4 / 6) / 2 and mixed["unparseable"] == 2
+
+
+# -----------------------------------------------------------------------------
+# Packing and bf16 master weights (the fast CPU path of sft_train)
+
+
+def test_packed_batch_gives_the_padded_batch_loss(tiny_model_path):
+    """Packed examples must not see each other: the loss of one packed row equals the loss of
+    the same examples right-padded (the attention mask is built per example)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+    tok = common.load_tokenizer(tiny_model_path)
+    exs, _ = common.tokenize_sft_records(tok, records(3), 512)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    net.config.use_cache = False  # as sft_load_model sets it: with a cache, packing is not detected
+    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=common.IGNORE_INDEX)(exs)
+    padded = common.SFTCollator(tok.pad_token_id)(exs)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    with torch.no_grad():
+        lp, lq = net(**packed).loss, net(**padded).loss
+        # and a wrong mask (one causal sequence over all three) changes the loss: the test can fail
+        lx = net(input_ids=packed["input_ids"], labels=packed["labels"]).loss
+    assert abs(lp.item() - lq.item()) < 1e-4, (lp, lq)
+    assert abs(lx.item() - lq.item()) > 1e-4
+    # The kit's per-example attention over the packed row (what sft_train uses) gives it too.
+    varlen = DataCollatorWithFlattening(return_position_ids=True, separator_id=common.IGNORE_INDEX,
+                                        return_flash_attn_kwargs=True)(exs)
+    assert common.use_varlen_attention(net) == "sdpa"
+    with torch.no_grad():
+        lv = net(**varlen).loss
+    assert abs(lv.item() - lq.item()) < 1e-4, (lv, lq)
+
+
+def test_master_weights_keep_small_updates_that_bf16_rounds_away():
+    import torch
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((0.05 + 0.01 * torch.rand(64)).to(torch.bfloat16))
+    plain = torch.nn.Parameter(w.detach().clone())
+    start = w.detach().float().clone()
+    opt = common.master_weight_adamw([w], lr=1e-5)
+    opt_plain = torch.optim.AdamW([plain], lr=1e-5, weight_decay=0.0)
+    for _ in range(20):
+        for p, o in ((w, opt), (plain, opt_plain)):
+            o.zero_grad()
+            (p.float() * torch.ones(64)).sum().backward()  # gradient 1: every step moves -lr
+            o.step()
+    assert torch.equal(plain.detach().float(), start)  # bf16 AdamW: 20 steps of 1e-5 lost
+    moved = (start - w.detach().float()).abs().mean().item()
+    assert 1e-4 < moved < 4e-4, moved  # master copy: 20 x 1e-5 = 2e-4, rounded to bf16
+    # The master copy travels in state_dict, so a resumed optimizer continues exactly.
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = common.master_weight_adamw([w2], lr=1e-5)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.param_groups[0]["params"][0], opt.param_groups[0]["params"][0])
