@@ -140,12 +140,6 @@ def predicted_step(critique: str) -> int:
     return -1 if first is None else first - 1
 
 
-def processbench_scores(preds: list[int], labels: list[int]) -> dict:
-    """05's ProcessBench metric (accuracy on erroneous and on correct paths, F1 of the two)."""
-    import importlib
-    return importlib.import_module("05_test_time").processbench_scores(preds, labels)
-
-
 def score_by_source(rows: list[dict], gens: list[dict]) -> dict:
     """Per source of the path (actor samples, inserted mistakes, reference solutions): the
     final-verdict accuracy and, on step-labelled rows, how often the first step the critic
@@ -168,7 +162,7 @@ def step_level(rows: list[dict], gens: list[dict]) -> dict | None:
     """ProcessBench-style scores over the held-out rows whose first error step is known."""
     pairs = [(step_label(r), predicted_step(g["critique"])) for r, g in zip(rows, gens)
              if step_label(r) is not None]
-    return processbench_scores([p for _, p in pairs], [l for l, _ in pairs]) if pairs else None
+    return common.processbench_scores([p for _, p in pairs], [l for l, _ in pairs]) if pairs else None
 
 
 def write_report(result: dict, out_dir: Path) -> str:
@@ -210,7 +204,7 @@ def write_report(result: dict, out_dir: Path) -> str:
     return table
 
 
-def evaluate(args, critic_path: str, train: list[dict], val: list[dict]) -> dict:
+def score_critics(args, critic_path: str, train: list[dict], val: list[dict]) -> dict:
     out_dir = Path(args.out_dir)
     rows = sorted(val, key=lambda r: common.stable_seed(r["id"]))
     if args.max_eval_rows:
@@ -320,7 +314,7 @@ def main(args):
     if args.skip_eval or not val:
         print("[04] no evaluation (--skip-eval or no held-out problems)")
         return
-    result = evaluate(args, critic, train_all, val)
+    result = score_critics(args, critic, train_all, val)
     result["n_train_rows_used"] = len(train)
     result["train_share_correct_paths_used"] = n_correct / len(train)
     result["training"] = {k: done[k] for k in ["config", "train_examples", "dropped_too_long",

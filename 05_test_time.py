@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import common
-from common import (ResumableWriter, accuracy_ci, answer_classes, bin_range, check_solution,
+from common import (ResumableWriter, accuracy_summary, answer_classes, bin_range, check_solution, ci_str,
                     difficulty_bins, f1_score, majority_class, mv_at_k, parse_critique, pass_at_k,
                     processbench_by_subset, processbench_scores, ratio, split_steps)
 
@@ -168,7 +168,7 @@ def summarize_metrics(per, ks, kmax, pool, n_bins=5) -> dict:
     n = len(per)
     disc = discrimination_scores([v for q in per for v in q["verdicts"]],
                                  [c for q in per for c in q["samples"]["correct"][:kmax]])
-    disc["accuracy_ci"] = _ci(disc["tp"] + disc["tn"], disc["n"])["ci"]
+    disc["accuracy_ci"] = accuracy_summary(disc["tp"] + disc["tn"], disc["n"])["ci"]
     bins = difficulty_bins([q["pass_rate"] for q in per], n_bins)
     by_bin = [{"bin": b, "range": bin_range(b, n_bins),
                **refine_effect([q for q, qb in zip(per, bins) if qb == b])} for b in range(1, n_bins + 1)]
@@ -189,7 +189,7 @@ def summarize_metrics(per, ks, kmax, pool, n_bins=5) -> dict:
                 pass_est, mv_est = sum(any_ok) / n, sum(v for v, _ in votes) / n
             scaling.append({"method": method, "K": k, "budget": generation_budget(method, k),
                             "n_answers": len(select_candidates(method, k, [0] * 3 * k, [0] * k, [0] * k)),
-                            **_ci(sum(v for v, _ in votes), n), "any_correct": sum(any_ok) / n,
+                            **accuracy_summary(sum(v for v, _ in votes), n), "any_correct": sum(any_ok) / n,
                             "pass_at_k": pass_est, "mv_at_k": mv_est,
                             "agreement": sum(a for _, a in votes) / n})
     answers = [a for q in per for a in q["samples"]["answers"]]
@@ -209,8 +209,8 @@ def refine_effect(group: list[dict]) -> dict:
     """Sample 0 before and after one critique -> refine round; the oracle refines only wrong ones."""
     before = [q["samples"]["correct"][0] for q in group]
     after = [q["refined"]["correct"][0] for q in group]
-    return {"n": len(group), "before": _ci(sum(before), len(group)), "after": _ci(sum(after), len(group)),
-            "oracle": _ci(sum(b or a for b, a in zip(before, after)), len(group)),
+    return {"n": len(group), "before": accuracy_summary(sum(before), len(group)), "after": accuracy_summary(sum(after), len(group)),
+            "oracle": accuracy_summary(sum(b or a for b, a in zip(before, after)), len(group)),
             "wrong_to_correct": sum(a and not b for b, a in zip(before, after)),
             "correct_to_wrong": sum(b and not a for b, a in zip(before, after))}
 
@@ -258,11 +258,6 @@ def discrimination_scores(verdicts: list, truth: list[bool]) -> dict:
     return {"n": n, "n_wrong_answers": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
             "accuracy": ratio(tp + tn, n), "precision": p, "recall": r, "f1": f1_score(p, r),
             "unparseable": none, "unparseable_rate": ratio(none, n)}
-
-
-def _ci(successes: int, n: int) -> dict:
-    p, lo, hi = accuracy_ci(successes, n)
-    return {"acc": p, "ci": [lo, hi], "correct": successes, "n": n}
 
 
 # -----------------------------------------------------------------------------
@@ -336,9 +331,6 @@ def processbench_table(m: dict) -> list[str]:
     return lines
 
 
-def _ci_str(c: dict) -> str:
-    pct = common.pct
-    return f"{pct(c['acc'])} [{pct(c['ci'][0])}, {pct(c['ci'][1])}]" if c["n"] else "-"
 
 
 def write_markdown(path: Path, m: dict) -> None:
@@ -361,14 +353,14 @@ def write_markdown(path: Path, m: dict) -> None:
              "| right->wrong |",
              "|---|---|---|---|---|---|---|"]
     for b in cr["by_difficulty"] + [{"bin": "all", "range": "", **cr["overall"]}]:
-        lines.append(f"| {b['bin']} {b['range']} | {b['n']} | {_ci_str(b['before'])} | {_ci_str(b['after'])} | "
-                     f"{_ci_str(b['oracle'])} | {b['wrong_to_correct']} | {b['correct_to_wrong']} |")
+        lines.append(f"| {b['bin']} {b['range']} | {b['n']} | {ci_str(b['before'])} | {ci_str(b['after'])} | "
+                     f"{ci_str(b['oracle'])} | {b['wrong_to_correct']} | {b['correct_to_wrong']} |")
     lines += ["", f"## Test-time scaling at equal budget ({m['scaling']['budget_rule']})", "",
               "| method | K | budget | answers voted | acc = MV [95% CI] | any correct | pass@k est. | MV@k est. "
               "| agreement |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in m["scaling"]["rows"]:
-        lines.append(f"| {r['method']} | {r['K']} | {r['budget']} | {r['n_answers']} | {_ci_str(r)} | "
+        lines.append(f"| {r['method']} | {r['K']} | {r['budget']} | {r['n_answers']} | {ci_str(r)} | "
                      f"{pct(r['any_correct'])} | {pct(r['pass_at_k'])} | {pct(r['mv_at_k'])} | "
                      f"{pct(r['agreement'])} |")
     lines += ["", "Percentages. acc: one run of the method (prefix of the sample pool); pass@k / MV@k: "

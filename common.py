@@ -991,6 +991,17 @@ def pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
+def accuracy_summary(successes: int, n: int) -> dict:
+    """{"acc", "ci" (Wilson 95%), "correct", "n"}: how every report stores an accuracy."""
+    p, lo, hi = accuracy_ci(successes, n)
+    return {"acc": p, "ci": [lo, hi], "correct": successes, "n": n}
+
+
+def ci_str(a: dict) -> str:
+    """An accuracy_summary as 'acc [lo, hi]' in percent ('-' for no cases)."""
+    return f"{pct(a['acc'])} [{pct(a['ci'][0])}, {pct(a['ci'][1])}]" if a["n"] else "-"
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend: stages draw PNGs, never open windows."""
     import matplotlib
@@ -1469,6 +1480,9 @@ def write_json_atomic(path: str | Path, obj) -> None:
 # One routine for every fine-tuning stage: chat records {"messages": [..., assistant]} in, a plain
 # safetensors model folder out. The loss is on the last assistant reply only. The Hugging Face
 # Trainer does the loop, so the same call runs on this CPU, under torchrun, DeepSpeed or FSDP.
+# sft_train is six steps, one function each: the stale-config guard, tokenizing, the Trainer's
+# arguments, the model, the loop (packed batches; bf16 weights with fp32 master weights on CPUs
+# with fast bf16), publishing the final folder.
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 

@@ -59,6 +59,7 @@ CRITIC_BASE=${CRITIC_BASE:-$ACTOR}     # the model the critic is fine-tuned from
 BACKEND=${BACKEND:-auto}               # auto | hf | vllm
 DEVICE=${DEVICE:-}                     # cuda | npu | cpu (empty: best available)
 LR=${LR:-1e-4}                         # 1e-4 suits a 135M model on a few hundred rows; paper: 5e-6
+RG3_CONTINUE=${RG3_CONTINUE:-actor}    # rg3 after the mistake: actor (paper) | program (no model call)
 OUT=${OUT:-out/$PRESET}
 DATA=${DATA:-$OUT/data}
 PY=${PY:-.venv/bin/python}
@@ -93,7 +94,7 @@ stage 00_prepare_data $PY 00_prepare_data.py "${prep[@]}"
 half=$(( (RG_SAMPLES + 1) / 2 ))
 stage 01_generate_errors $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_train.jsonl" \
   --out "$OUT/paths.jsonl" --actor "$ACTOR" --methods "$METHODS" --limit "$ERR_PROBLEMS" "${common[@]}" \
-  --rg1-samples "$RG_SAMPLES" --rg2-samples "$half" --rg3-samples "$half" \
+  --rg1-samples "$RG_SAMPLES" --rg2-samples "$half" --rg3-samples "$half" --rg3-continue "$RG3_CONTINUE" \
   --max-new-tokens "$ACTOR_TOKENS"
 stage 02_annotate $PY 02_annotate.py --paths "$OUT/paths.jsonl" --out "$OUT/annotations.jsonl"
 stage 03_filter $PY 03_filter.py --annotations "$OUT/annotations.jsonl" --out-dir "$OUT" \
@@ -109,11 +110,50 @@ stage 04_train_critic $PY 04_train_critic.py --data "$OUT/critic_sft.jsonl" \
 # for 05's ProcessBench-style score: the critic has never seen these problems.
 stage 05_test_paths $PY 01_generate_errors.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --out "$OUT/test_paths.jsonl" --actor "$ACTOR" --methods rg3,reference --limit "$TEST_PROBLEMS" \
-  --rg3-samples 1 --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
+  --fewshot-pool "$DATA/${SOURCE}_train.jsonl" --rg3-samples 1 --max-new-tokens "$ACTOR_TOKENS" "${common[@]}"
 stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
   --actor "$ACTOR" --critic "$OUT/critic" --out-dir "$OUT/test_time" --limit "$TEST_PROBLEMS" \
   --k-values "$K_VALUES" --difficulty-samples "$DIFF_SAMPLES" --processbench "$OUT/test_paths.jsonl" \
   --fewshot-pool "$DATA/${SOURCE}_train.jsonl" \
   --actor-max-new-tokens "$ACTOR_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" "${common[@]}"
 
-echo "== all stages done; results in $OUT (critic_sft.stats.md, critic/eval.json, test_time/metrics.md)"
+# --- 06 self-improvement: vanilla vs critique-in-the-loop (SI_* knobs; iteration 0 and vanilla
+# are shared by runs with another SI_CRITIC, e.g. rules, the exact reference-aware checker)
+case $PRESET in
+  tiny)    : "${SI_TRAIN:=4}" "${SI_TEST:=4}" "${SI_N:=2}" "${SI_ITERATIONS:=1}" "${SI_LR:=1e-4}" \
+             "${SI_DIFF:=2}" "${SI_TOKENS:=64}" "${SI_BATCH:=4}" "${SI_ACCUM:=1}" ;;
+  default) : "${SI_TRAIN:=16}" "${SI_TEST:=16}" "${SI_N:=2}" "${SI_ITERATIONS:=2}" "${SI_LR:=1e-4}" \
+             "${SI_DIFF:=2}" "${SI_TOKENS:=128}" "${SI_BATCH:=4}" "${SI_ACCUM:=1}" ;;
+  paper)   : "${SI_TRAIN:=0}" "${SI_TEST:=0}" "${SI_N:=2,4,8}" "${SI_ITERATIONS:=3}" "${SI_LR:=5e-6}" \
+             "${SI_DIFF:=8}" "${SI_TOKENS:=$ACTOR_TOKENS}" "${SI_BATCH:=8}" "${SI_ACCUM:=32}" ;;
+esac
+: "${SI_METHOD:=both}" "${SI_CRITIC:=$OUT/critic}"   # vanilla | critique | both; critic: folder, id, rules, api:MODEL
+stage 06_self_improve $PY 06_self_improve.py --train-problems "$DATA/${SOURCE}_train.jsonl" \
+  --test-problems "$DATA/${SOURCE}_test.jsonl" --actor "$ACTOR" --critic "$SI_CRITIC" --method "$SI_METHOD" \
+  --n "$SI_N" --iterations "$SI_ITERATIONS" --train-limit "$SI_TRAIN" --test-limit "$SI_TEST" --lr "$SI_LR" \
+  --difficulty-samples "$SI_DIFF" --actor-max-new-tokens "$SI_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" \
+  --batch-size "$SI_BATCH" --grad-accum "$SI_ACCUM" --out-dir "$OUT/self_improve" "${common[@]}"
+
+# --- 07 self-talk: one model that reflects after each step, vs trajectory-level self-correction
+# and the two-player setup (TALK_* knobs). The CPU presets build the data with the rules critic:
+# the trained 135M critic passes nearly every step, so no chain would ever get corrected; with
+# rules the two-player column is an oracle (it knows the gold answer), and TALK_EVAL_CRITIC swaps it.
+case $PRESET in
+  tiny)    : "${TALK_PATHS:=8}" "${TALK_ROUNDS:=2}" "${TALK_CANDIDATES:=2}" "${TALK_TEST:=4}" "${TALK_SAMPLES:=2}" \
+             "${TALK_EPOCHS:=1}" "${TALK_TOKENS:=96}" "${TALK_BATCH:=4}" "${TALK_ACCUM:=1}" "${TALK_CRITIC:=rules}" ;;
+  default) : "${TALK_PATHS:=32}" "${TALK_ROUNDS:=4}" "${TALK_CANDIDATES:=4}" "${TALK_TEST:=12}" "${TALK_SAMPLES:=4}" \
+             "${TALK_EPOCHS:=3}" "${TALK_TOKENS:=192}" "${TALK_BATCH:=8}" "${TALK_ACCUM:=1}" "${TALK_CRITIC:=rules}" ;;
+  paper)   : "${TALK_PATHS:=0}" "${TALK_ROUNDS:=4}" "${TALK_CANDIDATES:=4}" "${TALK_TEST:=0}" "${TALK_SAMPLES:=8}" \
+             "${TALK_EPOCHS:=3}" "${TALK_TOKENS:=$ACTOR_TOKENS}" "${TALK_BATCH:=8}" "${TALK_ACCUM:=32}" \
+             "${TALK_CRITIC:=$OUT/critic}" ;;
+esac
+: "${TALK_LR:=$LR}" "${TALK_EVAL_CRITIC:=$TALK_CRITIC}" "${TALK_REWRITER:=template}"  # rewriter: template, model, api:MODEL
+stage 07_self_talk $PY 07_self_talk.py --annotations "$OUT/annotations.jsonl" \
+  --problems "$DATA/${SOURCE}_test.jsonl" --fewshot-pool "$DATA/${SOURCE}_train.jsonl" --actor "$ACTOR" \
+  --critic "$TALK_CRITIC" --eval-critic "$TALK_EVAL_CRITIC" --rewriter "$TALK_REWRITER" \
+  --max-paths "$TALK_PATHS" --max-rounds "$TALK_ROUNDS" --candidates "$TALK_CANDIDATES" --limit "$TALK_TEST" \
+  --samples "$TALK_SAMPLES" --epochs "$TALK_EPOCHS" --lr "$TALK_LR" --batch-size "$TALK_BATCH" \
+  --grad-accum "$TALK_ACCUM" --max-new-tokens "$TALK_TOKENS" --critic-max-new-tokens "$CRITIC_TOKENS" \
+  --out-dir "$OUT/self_talk" "${common[@]}"
+
+echo "== all stages done; results in $OUT (critic_sft.stats.md, critic/eval.json, test_time/metrics.md, self_improve/report-*/metrics.md, self_talk/metrics.md)"
