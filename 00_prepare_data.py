@@ -10,6 +10,13 @@ one problem per line:
 `reference_steps` holds one reasoning step per item; the last is exactly `The answer is X.`
 (`The answer is \\boxed{X}.` for MATH). Built-in steps contain exactly one computation each,
 written inline as `a op b = c`, so a later stage can find and perturb any one of them.
+A MATH solution is cut into the steps a reader would count: a sentence or a display equation
+each, never inside a formula; `[asy]` drawings are dropped. The printed summary of each split
+gives its steps-per-solution distribution and its longest step.
+
+A train problem whose question is also in the test split is dropped from train (the count and
+row numbers are printed). If that would drop every train problem (the same file passed as
+train and test) the stage stops with an error instead of writing an empty train split.
 
     python 00_prepare_data.py
     python 00_prepare_data.py --source gsm8k --gsm8k-train path/to/train.jsonl --limit-train 50
@@ -420,7 +427,14 @@ def _math_open(text):
     return text.count("$$") % 2 == 1 or singles % 2 == 1 or opened > closed
 
 
-def split_solution(solution):
+ASY = re.compile(r"\[asy\].*?(?:\[/asy\]|\Z)", re.DOTALL | re.IGNORECASE)
+# Where a sentence may end: after . ! ? (and a closing quote or bracket), before a space and a
+# capital, digit or math. Words that end in a period without ending the sentence:
+ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "cf", "Mr", "Mrs", "Ms", "Dr", "St", "No", "Fig")
+_SENTENCE_GAP = re.compile(r"[\"')\]]*\s+(?=[A-Z0-9$\\(])")
+
+
+def _line_steps(solution):
     """One step per line; lines inside unfinished math are joined with a space (which LaTeX
     treats like the newline) so a formula is never cut and each step stays on one line."""
     steps, buf = [], []
@@ -431,6 +445,50 @@ def split_solution(solution):
             steps.append(" ".join(buf))
             buf = []
     return steps + ([" ".join(buf)] if buf else [])
+
+
+def _sentence_ends(text):
+    """Offsets in `text` after which a new step starts: the end of a sentence outside math, and
+    the end of a display equation ($$..$$, \\[..\\], \\begin..\\end) that more text follows."""
+    ends, i, close, display = [], 0, None, False
+    while i < len(text):
+        if close is None:
+            env = re.match(r"\\begin\{([^}]*)\}", text[i:])
+            if env or text.startswith(("\\[", "$$"), i):
+                close = f"\\end{{{env.group(1)}}}" if env else "\\]" if text[i] == "\\" else "$$"
+                display, i = True, i + (env.end() if env else 2)
+                continue
+            if text.startswith("\\(", i) or text[i] == "$":
+                close, display, i = ("\\)" if text[i] == "\\" else "$"), False, i + (2 if text[i] == "\\" else 1)
+                continue
+            if text[i] == "\\":  # \$ and other escapes are text
+                i += 2
+                continue
+            word = re.search(r"(\S*)$", text[:i]).group(1)
+            if text[i] in ".!?" and not word.endswith(ABBREVIATIONS) and _SENTENCE_GAP.match(text, i + 1):
+                ends.append(_SENTENCE_GAP.match(text, i + 1).start() + len(
+                    re.match(r"[\"')\]]*", text[i + 1:]).group()))
+            i += 1
+        elif text.startswith(close, i):
+            i += len(close)
+            # a display ends its step; inline math ends one when its sentence ends inside it (`$x=2.$ So`)
+            if (display and text[i:].strip()) or (text[i - len(close) - 1] in ".!?" and _SENTENCE_GAP.match(text, i)):
+                ends.append(i)
+            close = None
+        else:
+            i += 2 if text[i] == "\\" else 1
+    return ends
+
+
+def split_solution(solution):
+    """A MATH solution as the steps a reader would count: one per sentence and per display
+    equation, never cutting a formula; `[asy]` drawings are dropped (a drawing is not a step
+    anyone can judge). Line breaks end steps too; lines inside unfinished math are joined."""
+    steps = []
+    for line in _line_steps(ASY.sub("\n", solution)):
+        cuts = [0, *_sentence_ends(line), len(line)]
+        steps += [line[a:b].strip() for a, b in zip(cuts, cuts[1:]) if line[a:b].strip()]
+    return steps
 
 
 def parse_level(level):
@@ -475,6 +533,26 @@ def load_external(args):
     return {"train": train, "test": [(f"MATH-500[{i}]", dict(r)) for i, r in enumerate(test)]}
 
 
+def drop_test_overlap(train, test, args):
+    """Train rows whose question is not a test question. Dropping a few shared problems keeps
+    the splits honest; dropping all of them means the same file was passed twice, and an
+    empty train split is never what was meant, so that stops the run."""
+    test_questions = {normalize_question(r["question"]) for r in test}
+    shared = [normalize_question(r["question"]) in test_questions for r in train]
+    kept = [r for r, dup in zip(train, shared) if not dup]
+    files = {"gsm8k": (args.gsm8k_train, args.gsm8k_test), "math": (args.math_train, args.math_test)}
+    train_file, test_file = files[args.source]
+    if train and not kept:
+        raise common.UsageError(
+            f"{train_file or 'train split'}: all {len(train)} train problems also appear in the test split "
+            f"({test_file or 'the Hub'}), so nothing would be left to train on; pass two different files")
+    if len(kept) < len(train):
+        rows = [str(r["index"] + 1) for r, dup in zip(train, shared) if dup]
+        print(f"dropped {len(rows)} of {len(train)} train problems that also appear in the test split "
+              f"(the test copy is kept): train rows {', '.join(rows[:20])}{' ...' if len(rows) > 20 else ''}")
+    return kept
+
+
 def convert_external(args):
     convert = convert_gsm8k if args.source == "gsm8k" else convert_math
     raw = load_external(args)
@@ -490,11 +568,7 @@ def convert_external(args):
                 raise common.UsageError(f"{where}: {', '.join(not_text)} must be text")
             rows.append(dict(convert(row, where), index=i))
         if split == "train" and "test" in out:
-            test_questions = {normalize_question(r["question"]) for r in out["test"]}
-            kept = [r for r in rows if normalize_question(r["question"]) not in test_questions]
-            if len(kept) < len(rows):
-                print(f"dropped {len(rows) - len(kept)} train problems that also appear in test")
-            rows = kept
+            rows = drop_test_overlap(rows, out["test"], args)
         out[split] = finalize(rows, args.source, split)
     return out
 
@@ -502,6 +576,20 @@ def convert_external(args):
 # -----------------------------------------------------------------------------
 # Output
 # -----------------------------------------------------------------------------
+def steps_distribution(rows):
+    """How many reasoning steps (the final answer line not counted) the solutions have, and
+    how long the longest step is: a critic judges steps, so a one-paragraph "step" shows here."""
+    counts = sorted(len(r["reference_steps"]) - 1 for r in rows)
+    if not counts:
+        return "no solutions"
+    bins = Counter("1" if c <= 1 else "2-3" if c <= 3 else "4-6" if c <= 6 else "7-10" if c <= 10 else ">10"
+                   for c in counts)
+    longest = max(len(s) for r in rows for s in r["reference_steps"])
+    return (f"steps per solution: median {counts[len(counts) // 2]}, {counts[0]}-{counts[-1]}; "
+            + "  ".join(f"{b}:{bins[b]}" for b in ("1", "2-3", "4-6", "7-10", ">10") if bins[b])
+            + f"; longest step {longest} chars")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["builtin", "gsm8k", "math"], default="builtin",
@@ -539,7 +627,7 @@ def main(args):
         levels = Counter("none" if r["difficulty"] is None else r["difficulty"] for r in rows)
         per_level = "  ".join(f"{k}:{levels[k]}" for k in sorted(levels, key=str))
         print(f"{args.source} {split}: {len(rows)} problems -> {paths[split]}"
-              f"  (difficulty {per_level or '-'})")
+              f"  (difficulty {per_level or '-'}; {steps_distribution(rows)})")
     return paths
 
 

@@ -25,6 +25,9 @@ Where the paper is silent we chose:
   Paths with no answer are wrong paths (answer null) and are counted; empty paths are dropped.
 - The program inserter perturbs one explicit `a op b = c` computation (builtin, GSM8K), so the
   mistake is exactly of its type; the model inserter works on any step and any type name.
+  `--rg3-inserter auto` uses the program where a step has such a computation and the model
+  otherwise (MATH's LaTeX solutions rarely have one); with `program` alone the stage says how
+  many insertions found nothing to rewrite.
   Mistakes that the continuation repairs (right final answer) are dropped and counted.
 - `paths.stats.json` counts per method what was generated, kept, wrong, correct, without an
   answer, and dropped (repaired, correct over the keep share, empty, failed insertion).
@@ -444,19 +447,21 @@ def run_rg3(setup, chunk, seed, desc):
         for j in range(a.rg3_samples):
             rng = setup.rng(p, "rg3", j)
             counts["generated"] += 1
-            job = dict(pi=pi, j=j, inserter=a.rg3_inserter)
-            if a.rg3_inserter == "program":
+            job = dict(pi=pi, j=j, inserter="model")
+            found = None
+            if a.rg3_inserter in ("program", "auto"):
                 found = program_insert(template, p["question"], a.rg3_types, rng)
                 steps, used_actor = template, from_actor
                 if found is None and from_actor:  # the actor wrote no `a op b = c`; the reference may
                     steps, used_actor = [normalize_step(s) for s in p["reference_steps"]], False
                     found = program_insert(steps, p["question"], a.rg3_types, rng)
-                if found is None:
+                if found is None and a.rg3_inserter == "program":
                     counts["insert_failed"] += 1
                     continue
+            if found is not None:
                 k, new, kind, fell_back = found
                 counts["type_fallbacks"] += fell_back
-                job.update(k=k, type=kind, fixed=steps[:k - 1] + [new], source=steps)
+                job.update(k=k, type=kind, fixed=steps[:k - 1] + [new], source=steps, inserter="program")
             elif not template:
                 counts["insert_failed"] += 1
                 continue
@@ -466,21 +471,21 @@ def run_rg3(setup, chunk, seed, desc):
                            fixed=template[:k - 1], source=template)
             counts["from_actor_template"] += used_actor
             jobs.append(job)
-    if a.rg3_inserter == "model":
+    asked = [job for job in jobs if job["inserter"] == "model"]
+    if asked:
         prompts = [inserter_messages(chunk[job["pi"]]["question"], job["fixed"] + [job["original"]],
-                                     job["k"], job["type"]) for job in jobs]
+                                     job["k"], job["type"]) for job in asked]
         outs = setup.engine(a.inserter_model).generate(
             prompts, n=1, temperature=a.inserter_temperature, max_new_tokens=min(128, a.max_new_tokens),
             seed=seed + 1, desc=desc + " insert")
-        kept = []
-        for job, out in zip(jobs, outs):
+        for job, out in zip(asked, outs):
             new = parse_inserted(out[0], job["original"])
             if new is None:
                 results[job["pi"]][1]["insert_failed"] += 1
+                job["failed"] = True
             else:
                 job["fixed"] = job["fixed"] + [new]
-                kept.append(job)
-        jobs = kept
+        jobs = [job for job in jobs if not job.get("failed")]
     if a.rg3_continue == "program":
         carry_forward_paths(jobs)
     else:
@@ -561,6 +566,12 @@ def main(args):
         stats = {"problems": len(problems), "rows_in_file": len(writer.rows),
                  "by_method": counts_by_method(markers, problems, methods)}
     print_stats(stats["by_method"])
+    rg3 = stats["by_method"].get("rg3")
+    if rg3 and rg3["insert_failed"] and args.rg3_inserter == "program":
+        print(f"rg3: the program inserter found no `a op b = c` to rewrite in {rg3['insert_failed']} of "
+              f"{rg3['generated']} tries{' and made no path' if not rg3['kept'] else ''}: it rewrites plain "
+              "arithmetic only (MATH solutions are LaTeX); --rg3-inserter auto or model lets a model "
+              "rewrite those steps")
     common.write_json_atomic(out.with_name(out.stem + ".stats.json"), stats)
     print(f"{len(writer.rows)} paths in {out}")
     return stats
@@ -592,8 +603,9 @@ def parse_args(argv=None):
                         "recomputes the original later steps from the wrong value (no model call)")
     p.add_argument("--rg3-temperature", type=float, default=0.7, help="rg3: temperature of the continuation")
     p.add_argument("--rg3-types", default=",".join(MISTAKES), help="rg3: comma list of mistake types")
-    p.add_argument("--rg3-inserter", default="program", choices=["program", "model"],
-                   help="rg3: perturb an `a op b = c` computation, or ask a model to rewrite the step")
+    p.add_argument("--rg3-inserter", default="program", choices=["program", "model", "auto"],
+                   help="rg3: perturb an `a op b = c` computation, ask a model to rewrite the step, "
+                        "or auto: the program where a step has such a computation, else the model")
     p.add_argument("--inserter-model", help="rg3 model inserter (default: the actor)")
     p.add_argument("--inserter-temperature", type=float, default=0.7, help="rg3 model inserter temperature")
     return p.parse_args(argv)

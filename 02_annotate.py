@@ -14,6 +14,10 @@ Annotators (--annotator):
   rules  the offline default: an exact arithmetic checker (fractions, never eval) that compares
          the path's numbers with the question's and the reference's. A 135M model cannot write
          trustworthy critiques; this one is exact and would rather miss a mistake than invent one.
+         It judges arithmetic only: a path with a step it cannot read (LaTeX beyond numbers and
+         + - × ÷ ^, such as a variable or \\sqrt, or drawing code) is dropped with the reason
+         "the rules annotator cannot judge this path", and if no path can be judged (MATH) it
+         stops and names the annotators that can.
   model  any Hugging Face model through common.get_engine, greedy, in batches, and
   api    any OpenAI-compatible server (vLLM `serve`, ...), rate limited; both get rules' findings as hints.
 
@@ -41,12 +45,12 @@ import threading
 import time
 from collections import Counter, namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import common
-from common import (CRITIC_FORMAT, Computation, ResumableWriter, answers_match, evaluate_tokens,
+from common import (CRITIC_FORMAT, Computation, ResumableWriter, answers_match, beyond_arithmetic, evaluate_tokens,
                     find_computations, format_critique, format_number, join_steps, math_tokens,
                     number_steps, parse_critique, read_jsonl, write_json_atomic)
 
@@ -222,6 +226,7 @@ class ProblemFacts:
     reference: set        # every number the reference solution writes
     ref_calcs: list       # the reference solution's computations
     phrases: dict         # value -> how the question says it ("5 apples")
+    path_results: set = field(default_factory=set)  # what the judged path's computations give
 
 
 def read_step(text: str) -> tuple[list[Computation], list]:
@@ -251,7 +256,8 @@ def problem_facts(row: dict) -> ProblemFacts:
         for c in calcs:
             reference |= {t.value for t in c.operands} | {c.value}
         reference |= {t.value for t in stated}
-    return ProblemFacts(given, reference, ref_calcs, phrases)
+    path = {c.value for step in row.get("steps") or [] for c in find_computations(step) if c.ok}
+    return ProblemFacts(given, reference, ref_calcs, phrases, path)
 
 
 Review = namedtuple("Review", "step_correct explanations final_correct final_explanation")
@@ -331,7 +337,7 @@ def check_calc(calc: Computation, i: int, facts: ProblemFacts, known: set, taint
             return 2, f"it uses {format_number(u, like)}, which is neither given in the problem nor found earlier."
         return 2, _wrong_number(u, c, facts, like)
     if calc.binop is None:
-        return None
+        return _near_reference(calc, i, facts, taint, like)
     a, op, b = calc.binop
     same = [r for r in facts.ref_calcs if r.binop and sorted([a, b]) == sorted([r.binop[0], r.binop[2]])]
     if any(r.binop[1] == op for r in same):
@@ -346,6 +352,39 @@ def check_calc(calc: Computation, i: int, facts: ProblemFacts, known: set, taint
             if c is not None:
                 _taint(calc, i, _recompute(calc, {u: c}), taint, facts)
                 return 3, _wrong_number(u, c, facts, like)
+    return _near_reference(calc, i, facts, taint, like)
+
+
+def _near_reference(calc: Computation, i: int, facts: ProblemFacts, taint: dict, like: str):
+    """A computation of known numbers whose result the reference never reaches, next to a
+    reference computation it misses by one thing: the same numbers (another
+    operation), one number swapped, one number too many or too few. None when nothing is that
+    close, or when the path computes the reference's result anyway (it took another route)."""
+    if calc.value in facts.reference:
+        return None
+    mine = Counter(t.value for t in calc.operands)
+    ops = [t.op for t in calc.lhs if t.kind == "op"]
+    for ref in facts.ref_calcs:
+        if len(ref.operands) < 2 or ref.value in facts.path_results:
+            continue
+        theirs = Counter(t.value for t in ref.operands)
+        extra, missing = mine - theirs, theirs - mine
+        right = f"the problem calls for {ref.lhs_text} = {format_number(ref.value, like)}."
+        if not extra and not missing:
+            problem = f"{calc.lhs_text} combines the right numbers the wrong way; {right}"
+        elif sum(extra.values()) == 1 and not missing:
+            x = next(iter(extra))
+            problem = (f"{calc.lhs_text} counts {format_number(x, like)} "
+                       f"{'twice' if x in theirs else 'although it does not belong'}; {right}")
+        elif sum(missing.values()) == 1 and not extra:
+            problem = f"{calc.lhs_text} leaves out {format_number(next(iter(missing)), like)}; {right}"
+        elif (sum(extra.values()) == sum(missing.values()) == 1
+              and ops == [t.op for t in ref.lhs if t.kind == "op"]):
+            problem = _wrong_number(next(iter(extra)), next(iter(missing)), facts, like)
+        else:
+            continue
+        _taint(calc, i, ref.value, taint, facts)
+        return 3, problem
     return None
 
 
@@ -379,7 +418,30 @@ def _praise(step: str, is_last: bool, answer_ok: bool, answer) -> str:
         return f"It gives the final answer {answer}, which is right."
     if calcs:
         return " ".join(f"{c.lhs_text} = {c.rhs_text} is right." for c in calcs[:2])
-    return "This step is consistent with the problem."
+    beyond = beyond_arithmetic(step)
+    if beyond:  # say what was not checked rather than vouch for it
+        return f"Not checked: {beyond} is beyond an arithmetic check."
+    if any(t.kind == "num" for t in math_tokens(step)):
+        return "Its numbers follow from the problem and the earlier steps."
+    return "It states no number or computation to check."
+
+
+def unjudgeable_step(row: dict) -> tuple[int, str] | None:
+    """(1-based step, why) of the first step the rules checker cannot judge, or None. The
+    final answer line is judged by the answer check (math-verify), so it is never one."""
+    steps = row["steps"]
+    for i, step in enumerate(steps, 1):
+        if i == len(steps) and common.extract_answer(step) is not None:
+            break
+        why = beyond_arithmetic(step)
+        if why:
+            return i, why
+    return None
+
+
+RULES_CANNOT = "the rules annotator cannot judge this path"
+CAPABLE_ANNOTATORS = ("--annotator model --annotator-model MODEL (a local model that reads LaTeX), or "
+                      "--annotator api --annotator-model NAME --annotator-url URL")
 
 
 def rules_review(row: dict, reveal_answer: bool = True) -> Review:
@@ -530,7 +592,17 @@ def main(args):
         todo = [r for r in todo if r["steps"]]
         print(f"{len(rows)} paths, {len(rows) - len(todo)} already done, annotating {len(todo)} with {label}")
         if args.annotator == "rules":
+            beyond = {r["id"]: unjudgeable_step(r) for r in todo}
+            if todo and all(beyond.values()):
+                i, why = beyond[todo[0]["id"]]
+                raise common.UsageError(
+                    f"{args.paths}: the rules annotator checks arithmetic only and can judge none of the "
+                    f"{len(todo)} paths (e.g. {todo[0]['id']} step {i}: {why}); use {CAPABLE_ANNOTATORS}")
             for r in todo:
+                if beyond[r["id"]]:  # dropped with its reason: a rerun with an LLM annotator takes it
+                    i, why = beyond[r["id"]]
+                    emit(r, None, 0, [f"{RULES_CANNOT}: step {i} has {why}"])
+                    continue
                 text = rules_critique(r)
                 emit(r, text, 1, validate(r, text) or None)
         elif args.annotator == "model":

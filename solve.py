@@ -7,6 +7,7 @@ stated no answer at all.
     python 00_prepare_data.py && python solve.py --limit 8
     python solve.py --problems data/gsm8k_test.jsonl --n 4 --out out/solve_gsm8k.jsonl
     python solve.py --actor Qwen/Qwen2.5-1.5B-Instruct --backend vllm --n 16 --max-new-tokens 1024
+    python solve.py --backend openai --base-url http://localhost:8000/v1 --n 4   # after `vllm serve MODEL`
 """
 import argparse
 from collections import defaultdict
@@ -18,8 +19,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="data/builtin_test.jsonl", help="problems JSONL (00's schema)")
     p.add_argument("--limit", type=common.count, default=0, help="only the first N problems (0 = all)")
-    p.add_argument("--actor", default=common.DEFAULT_MODEL, help="HF model id, local path or 'smollm2-135m'")
-    common.add_backend_args(p)
+    p.add_argument("--actor", default=None, help="HF model id, local path or 'smollm2-135m' (the default); "
+                   "with --backend openai the served model's name (default: the one served)")
+    common.add_backend_args(p, served=True)
     p.add_argument("--n", type=common.positive, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=common.positive, default=256, help="generation budget per sample")
@@ -40,8 +42,7 @@ def main(args):
     todo = [p for p in problems if f"{p['id']}:{args.n - 1}" not in done]
     new_rows = []
     if todo:
-        engine = common.get_engine(args.actor, args.backend, args.device,
-                                   trust_remote_code=args.trust_remote_code)
+        engine = common.engine_from_args(args, args.actor, trust_remote_code=args.trust_remote_code)
         prompts = [common.solve_messages(p, pool, args.fewshot, args.seed) for p in todo]
         outputs = engine.generate(prompts, n=args.n, temperature=args.temperature,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed, desc="solve")

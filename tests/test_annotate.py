@@ -330,3 +330,107 @@ def test_malformed_input_names_file_and_line(tmp_path):
     paths.write_text(json.dumps(path_row(PENS_REF, "44", True)) + "\n{not json\n")
     with pytest.raises(common.UsageError, match=r"paths.jsonl:2"):
         stage.main(stage.parse_args(["--paths", str(paths), "--out", str(tmp_path / "a.jsonl")]))
+
+
+# -----------------------------------------------------------------------------
+# Real GSM8K notation is not an error, n-ary mistakes are located, MATH paths are not judged
+
+# Correct reference-style steps written the way real GSM8K solutions write them (own cases):
+# none of them may be judged Wrong.
+GSM8K_NOTATION = [
+    ("Jo ran 3 laps on the 1st day and 5 laps on the 2nd. How many laps?",
+     ["On the 1st - 5 laps were not run, so on the 1st she ran 3 laps.", "3 + 5 = 8 laps.", "The answer is 8."], "8"),
+    ("A $20 shirt is 20% off. How much is the discount?",
+     ["20% of $20 = $4.", "The answer is 4."], "4"),
+    ("A $.75 pen. How much are 2 pens?", ["2 pens cost $.75*2=$1.5", "The answer is 1.5."], "1.5"),
+    ("He drives 30 mph for .5 hours. How far?", ["30*.5=15 miles", "The answer is 15."], "15"),
+    ("80% are adults. What percent are children?",
+     ["100% - 80% = 20 % are children.", "The answer is 20."], "20"),
+    ("He must arrive at 0900 and drives 1 hour 30 minutes. When does he leave?",
+     ["He must leave 0900-0130 = 0730 hours", "The answer is 730."], "730"),
+    ("A flight leaves at 6:00 and takes 18 hours. How long?",
+     ["He lands at 6:00+18 hours = 00:00 on Tuesday.", "The answer is 18."], "18"),
+    ("A $1 bill is split between 2 kids. How many cents each?",
+     ["Each gets $1 / 2 = 50 cents.", "The answer is 50."], "50"),
+    ("3 cans at 50 cents. How many dollars?", ["3 * 50 cents = $1.50", "The answer is 1.5."], "1.5"),
+    ("A drink has 1/4 cup of syrup and 1 and 1/4 cups of water. How many cups?",
+     ["1/4 cup + 1 and 1/4 cup = 1.5 cups", "The answer is 1.5."], "1.5"),
+    ("A 3.5 pound bag costs 2 dollars a pound. Cost?", ["3.5 * 2 = 7 dollars", "The answer is 7."], "7"),
+    ("Degrees drop 24 below and each 3 degrees raise risk 5%. Increases?",
+     ["24 degrees / 3 degrees/5% increase = 8 5% increases", "The answer is 8."], "8"),
+    ("She had 48 and gave half. Left?", ["$\\frac{48}{2} = 24$ are left.", "The answer is 24."], "24"),
+    ("Day counts: 50 then 100 then 20 more. Total on day 3?", ["Day 3:100+20=120", "The answer is 120."], "120"),
+]
+
+
+@pytest.mark.parametrize("question,steps,gold", GSM8K_NOTATION)
+def test_real_gsm8k_notation_is_not_flagged(question, steps, gold):
+    row = path_row(steps, gold, True, method="reference", question=question, reference=steps, gold=gold)
+    _, verdicts, text = annotate(row)
+    assert all(verdicts), text
+
+
+# Mistakes with right arithmetic in a computation of three or more numbers: found at their step
+# by a critic that knows the reference but not where the mistake is.
+NEAR_REFERENCE = [
+    (["She has 48 + 24 + 24 + 6 = 102 clips.", "The answer is 102."], "counts 24 twice"),
+    (["She has 48 + 24 + 24 = 96 clips.", "The answer is 96."], "uses 24, but the problem says 6"),
+    (["She has 48 + 24 + 6 + 10 = 88 clips.", "The answer is 88."], "10 although it does not belong"),
+    (["She has 48 - 24 - 6 = 18 clips.", "The answer is 18."], "wrong way"),
+    (["She has 48 + 12 + 6 = 66 clips.", "The answer is 66."], "uses 12, but the problem says 24"),
+    (["She has 48 + 6 = 54 clips.", "The answer is 54."], "leaves out 24"),
+]
+
+
+@pytest.mark.parametrize("steps,why", NEAR_REFERENCE)
+def test_mistakes_with_right_arithmetic_are_located(steps, why):
+    question = "Ann has 48 clips, gets 24 more and then 6 more. How many clips?"
+    reference = ["She has 48 + 24 + 6 = 78 clips.", "The answer is 78."]
+    row = path_row(steps, steps[-1].split()[-1].rstrip("."), False, method="sample", question=question,
+                   reference=reference, gold="78")
+    crit, verdicts, _ = annotate(row)
+    assert verdicts[0] is False and why in crit.steps[0].explanation
+
+
+# MATH-style paths (own cases): which step the rules checker cannot judge, or None.
+MATH_STEPS = [
+    (["Substituting $x = 4$ gives $3(4) + 7$.", "This is $12 + 7 = \\boxed{19}$.", "The answer is \\boxed{19}."], 1),
+    (["[asy]", "dot((3,0), red);", "The answer is \\boxed{3}."], 1),
+    (["The side is $\\sqrt{49} = 7$.", "The answer is \\boxed{7}."], 1),
+    (["We factor: \\[x^2 - 5x + 6 = (x-2)(x-3).\\]", "The answer is \\boxed{5}."], 1),
+    (["The discount is $0.15 \\times 20 = 3$ dollars.", "So the price is $20 - 3 = \\boxed{17}$.",
+      "The answer is \\boxed{17}."], None),
+    (["So $\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}$.", "The answer is \\boxed{\\frac{5}{6}}."], None),
+    (["He has 12 * 4 = 48 pens.", "The answer is \\boxed{(-\\infty, 2]}."], None),
+]
+
+
+@pytest.mark.parametrize("steps,step", MATH_STEPS)
+def test_rules_says_which_math_step_it_cannot_judge(steps, step):
+    found = stage.unjudgeable_step(path_row(steps, "1", False))
+    assert (found and found[0]) == step
+
+
+def test_rules_drops_unjudgeable_paths_and_refuses_when_none_can_be_judged(tmp_path):
+    math_q = "What is $3x + 7$ when $x = 4$?"
+    latex = ["Substituting $x = 4$ gives $3(4) + 7$.", "This is $12 + 7 = \\boxed{19}$.", "The answer is \\boxed{19}."]
+    drawing = ["[asy]", "dot((3,0), red);", "label(\"$A$\", (0,0));", "The answer is \\boxed{19}."]
+    rows = [path_row(latex, "19", True, id="m1-reference-0", method="reference", question=math_q, reference=latex, gold="19"),
+            path_row(drawing, "19", True, id="m2-rg1-0", question=math_q, reference=latex, gold="19")]
+    paths, out = write_paths(tmp_path, rows), tmp_path / "annotations.jsonl"
+    with pytest.raises(common.UsageError, match="can judge none of the 2 paths.*--annotator model.*--annotator api"):
+        stage.main(stage.parse_args(["--paths", str(paths), "--out", str(out)]))
+    assert not out.exists() or not read_jsonl(out)
+    paths = write_paths(tmp_path, rows + [path_row(PENS_REF, "44", True, id="p-rg1-0")])
+    stats = stage.main(stage.parse_args(["--paths", str(paths), "--out", str(out)]))
+    assert stats["kept"] == 1 and stats["dropped_reasons"] == {"the rules annotator cannot judge this path": 2}
+    dropped = {d["id"]: d["problems"][0] for d in read_jsonl(tmp_path / "annotations.dropped.jsonl")}
+    assert "step 1 has non-arithmetic math" in dropped["m1-reference-0"]
+    assert "step 1 has drawing code" in dropped["m2-rg1-0"]
+
+
+def test_unchecked_latex_step_says_so():
+    steps = ["The side is $\\sqrt{49} = 7$.", "The answer is 8."]
+    crit, _, _ = annotate(path_row(steps, "8", False, question="A square has area 49. Perimeter?",
+                                   reference=["The side is 7.", "The answer is 28."], gold="28"))
+    assert crit.steps[0].explanation.startswith("Not checked: non-arithmetic math")

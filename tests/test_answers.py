@@ -66,3 +66,61 @@ def test_model_text_is_never_evaluated(tmp_path):
 ])
 def test_extract_answer_from_model_shaped_text(text, expected):
     assert common.extract_answer(text) == expected
+
+
+# Commas: only a thousands separator inside a plain number goes; in tuples, lists and intervals
+# the comma is part of the answer, and spaces after it do not matter.
+COMMAS = [
+    ("32348", "32,348", True),
+    ("32348", "32,\\!348", True),
+    ("1234567", "1,234,567", True),
+    ("1200", "$1,200", True),
+    ("3, 5, 7", "3,5,7", True),
+    ("3,5,7", "3, 5, 7", True),
+    ("(-\\infty, 0]", "(-\\infty,0]", True),
+    ("(1, 2)", "(1,2)", True),
+    ("1,2", "12", False),
+    ("12", "1,2", False),
+    ("(1,2)", "(12)", False),
+    ("(-\\infty, 0]", "(-\\infty, 0)", False),
+]
+
+# Escaped dollars (MATH and GSM8K-style LaTeX answers): the \$ is a currency sign.
+DOLLARS = [
+    ("\\$36", "36", True),
+    ("\\$36", "$36$", True),
+    ("\\$36", "\\boxed{\\$36}", True),
+    ("36", "\\$36", True),
+    ("\\$18.90", "18.9", True),
+    ("\\$18.90", "$18.90$", True),
+    ("\\$32,\\!348", "32348", True),
+    ("70", "\\$70.00", True),
+    ("\\$36", "37", False),
+]
+
+
+@pytest.mark.parametrize("gold,pred,expected", COMMAS + DOLLARS)
+def test_answers_match_commas_and_dollars(gold, pred, expected):
+    assert common.answers_match(gold, pred) is expected
+
+
+# Explicit final-answer markers; free prose is never read as an answer.
+MARKERS = [
+    ("Mia baked 12 + 6 = 18 rolls.\nA: 18", "18"),
+    ("She pays 3 * 6 = 18 dollars.\nAnswer: 18", "18"),
+    ("She pays 3 * 6 = 18 dollars.\nAnswer: $18", "18"),
+    ("Work.\nFinal answer: 18 apples", "18"),
+    ("Work.\n**Final Answer:** $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("Work.\nFinal Answer: The final answer is $7$. I hope it is correct.", "7"),
+    ("The answer is 12.\nFinal answer: 13", "13"),
+    ("The answer is 3, 5, 7.", "3, 5, 7"),
+    ("Answer: (1, 2)", "(1, 2)"),
+    ("A: 18 is what I first thought\nbut then I kept going", None),
+    ("So she has 18 apples left.", None),
+    ("Q: How many does she have?\nShe has 18.", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", MARKERS)
+def test_extract_answer_markers(text, expected):
+    assert common.extract_answer(text) == expected

@@ -69,3 +69,71 @@ def test_random_text_never_crashes():
             assert isinstance(c.value, Fraction) and 0 <= c.start < c.end <= len(text)
             common.format_number(c.value, c.rhs_text)
         common.arithmetic_slips([text])
+
+
+# How real GSM8K and model solutions write numbers (own cases): ordinals, clock times and
+# zero-padded codes are not operands; leading-dot decimals, "20 %", "20% of", cents, numeric
+# \frac and \boxed are read; a phrase that starts before the numbers is not a computation.
+REAL_TEXT = [
+    ("Pages 1st - 5th = 5 pages", []),
+    ("the 2nd + 3rd = 5th", []),
+    ("20% of $20 = $4", [("20% of $20", "$4", 4, True)]),
+    ("so 20% of 50 = 11", [("20% of 50", "11", 10, False)]),
+    ("3/4 of 20 = 15", [("3/4 of 20", "15", 15, True)]),
+    ("half of 10 + 4 = 9", []),
+    ("His first drive was 30*.5=15 miles", [("30*.5", "15", 15, True)]),
+    ("$.75*2=$1.5", [("$.75*2", "$1.5", Fraction(3, 2), True)]),
+    ("100% - 80% = 20 % were children", [("100% - 80%", "20 %", Fraction(1, 5), True)]),
+    ("0900-0130 = 0730 hours", []),
+    ("at 6:00+18 hours = 00:00 on Tuesday", []),
+    ("Day 3:100+20=120", [("100+20", "120", 120, True)]),
+    ("He spends $1 / 2 = 50 cents", [("$1 / 2", "50", Fraction(1, 2), True)]),
+    ("3 * 50 cents = $1.50", [("3 * 50", "$1.50", 150, True)]),
+    ("1/4 cup + 1 and 1/4 cup = 1.5 cups", []),
+    ("24 degrees / 3 degrees/5% increase = 8 5% increases", []),
+    ("So $\\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}$", [("\\frac{1}{2} + \\frac{1}{3}", "\\frac{5}{6}", Fraction(5, 6), True)]),
+    ("This is $12 + 7 = \\boxed{19}$.", [("12 + 7", "19", 19, True)]),
+    ("$\\dfrac{3}{4} \\times 8 = 5$", [("\\dfrac{3}{4} \\times 8", "5", 6, False)]),
+    ("15 trucks / 90 vehicles * 100% = 16.66%", [("15 trucks / 90 vehicles * 100%", "16.66%", Fraction(1, 6), True)]),
+    ("$7500/75% = $100", [("$7500/75%", "$100", 10000, True)]),
+    ("$80 000 x 20/100 = $16 000", [("$80 000 x 20/100", "$16 000", 16000, True)]),
+    ("25 / 1/3 = 75 decorations", [("25 / 1/3", "75", 75, True)]),
+    ("12/4/2 = 1.5", [("12/4/2", "1.5", Fraction(3, 2), True)]),
+    ("Lazlo = 4 pounds - 6 ounces = 58 ounces", []),
+    ("10 pages per day on day 1 * 2 = 20 pages", []),
+    ("Weeks 1-2 = 96 - 70 = 26", [("96 - 70", "26", 26, True)]),
+    ("X = 9 because - 18/-2 = 9", []),
+    ("38 - 32 = 32 + x - 32", []),
+    ("1/3 of Solomon = 66/3 = 22", [("66/3", "22", 22, True)]),
+    ("It is 17 000/5 = 3 400.", [("17 000/5", "3 400", 3400, True)]),
+    ("20 minutes / 240 minutes = 8.333...%, about 8%", [("20 minutes / 240", "8.333...%", Fraction(1, 12), True)]),
+]
+
+
+@pytest.mark.parametrize("text,expected", REAL_TEXT)
+def test_find_computations_in_real_text(text, expected):
+    assert [(c.lhs_text, c.rhs_text, c.value, c.ok) for c in common.find_computations(text)] == expected
+
+
+@pytest.mark.parametrize("line,step", [
+    ("3.5 * 2 = 7 pints", "3.5 * 2 = 7 pints"),
+    ("4.5 gallons = 36 pints", "4.5 gallons = 36 pints"),
+    ("-5 + 3 = -2", "-5 + 3 = -2"),
+    ("3. Then 2 + 2 = 4", "Then 2 + 2 = 4"),
+    ("2) ok", "ok"),
+    ("- a bullet", "a bullet"),
+    ("Step 4: 12 / 3 = 4", "12 / 3 = 4"),
+])
+def test_step_labels_are_not_numbers(line, step):
+    assert common.split_steps(line) == [step]
+
+
+def test_latex_fuzz_never_crashes():
+    rng = random.Random(1)
+    pieces = ["\\frac{", "}{", "}", "\\boxed{", "\\left(", "\\right)", "$", "1", "23", ".5", "%", " ", "=",
+              "+", "of", "1st", "6:00", "0900", "cents", "\\times", "x", "("]
+    for _ in range(1000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        for c in common.find_computations(text):
+            assert isinstance(c.value, Fraction) and 0 <= c.start < c.end <= len(text)
+        common.beyond_arithmetic(text)

@@ -270,3 +270,46 @@ def test_actor_prompt_is_the_kits_one_fewshot_path(problems_file, tmp_path):
     args = stage.parse_args(["--problems", str(problems_file), "--fewshot-pool", str(pool)])
     assert common.load_fewshot_pool(args, test_split) == PROBLEMS[1:2]
     assert common.load_fewshot_pool(stage.parse_args(["--fewshot", "0"]), test_split) == []
+
+
+# -----------------------------------------------------------------------------
+# RG3 on MATH-style steps (no `a op b = c`): the program says why it made nothing; auto asks a model
+
+MATH_PROBLEM = {"id": "m1", "split": "train", "question": "Solve $x^2 - 5x + 6 = 0$; give the sum of the roots.",
+                "reference_steps": ["We factor: \\[x^2 - 5x + 6 = (x-2)(x-3).\\]", "So the roots are $2$ and $3$.",
+                                    "The answer is \\boxed{5}."], "answer": "5"}
+
+
+class StandInEngine:
+    """The inserter rewrites the step it is shown; the actor then ends with a wrong answer."""
+
+    def __init__(self):
+        self.inserter_prompts = 0
+
+    def generate(self, prompts, n=1, **kw):
+        out = []
+        for p in prompts:
+            inserter = "You help build exercises" in p[0]["content"]
+            self.inserter_prompts += inserter
+            out.append(["So the roots are $2$ and $4$." if inserter else "The answer is \\boxed{6}."] * n)
+        return out
+
+
+@pytest.mark.parametrize("inserter", ["program", "auto"])
+def test_rg3_on_math_steps(inserter, tmp_path, monkeypatch, capsys):
+    engine = StandInEngine()
+    monkeypatch.setattr(stage.common, "get_engine", lambda *a, **k: engine)
+    problems = tmp_path / "math.jsonl"
+    common.write_jsonl_atomic(problems, [MATH_PROBLEM])
+    out = tmp_path / "paths.jsonl"
+    stats = stage.main(stage.parse_args(["--problems", str(problems), "--out", str(out), "--methods", "rg3",
+                                         "--rg3-samples", "2", "--rg3-inserter", inserter, "--fewshot", "0"]))
+    c, rows, said = stats["by_method"]["rg3"], common.read_jsonl(out), capsys.readouterr().out
+    if inserter == "program":
+        assert rows == [] and c["insert_failed"] == 2 and engine.inserter_prompts == 0
+        assert "found no `a op b = c` to rewrite in 2 of 2 tries and made no path" in said
+        assert "--rg3-inserter auto or model" in said
+    else:
+        assert engine.inserter_prompts == 2 and c["kept"] == 2 and "found no" not in said
+        assert all(r["inserter"] == "model" and r["answer"] == "6" for r in rows)
+        assert all(r["steps"][r["error_step"] - 1] == "So the roots are $2$ and $4$." for r in rows)

@@ -72,3 +72,66 @@ def test_parse_critique_never_raises_on_odd_input():
     many = common.parse_critique("Step 1:\n" * 500, n_steps=3)
     assert len(many.steps) == 500 and not many.ok
     assert "500 step verdicts for 3 steps" in many.problems and "steps are not numbered 1..n" in many.problems
+
+
+# The authors' layout: unnumbered "Step sentence" blocks, explanations on their own lines
+
+AUTHORS = ("Step sentence: She buys 4 * 3 = 12 apples.\n"
+           "Correctness of the step: Correct\n"
+           "Explanation: Four bags of three apples are 12 apples.\n\n"
+           "Step sentence: She eats 2, so 12 - 2 = 9 are left.\n"
+           "Correctness of the step: Wrong\n"
+           "Explanation: 12 - 2 is 10,\n"
+           "not 9.\n\n"
+           "Correctness of the final answer: Wrong\n"
+           "Explanation: The answer should be 10.\n"
+           "She still has ten apples.")
+
+
+def test_parse_critique_reads_the_authors_layout():
+    c = common.parse_critique(AUTHORS, n_steps=2)
+    assert c.ok, c.problems
+    assert [s.index for s in c.steps] == [1, 2]
+    assert [s.step for s in c.steps] == ["She buys 4 * 3 = 12 apples.", "She eats 2, so 12 - 2 = 9 are left."]
+    assert [s.correct for s in c.steps] == [True, False]
+    assert c.steps[0].explanation == "Four bags of three apples are 12 apples."
+    assert c.steps[1].explanation == "12 - 2 is 10, not 9."  # a wrapped explanation is one text
+    assert c.first_wrong_step == 2
+    assert c.final_correct is False
+    assert c.final_explanation == "The answer should be 10. She still has ten apples."
+
+
+def test_authors_layout_variants_and_round_trip_into_the_kit_layout():
+    text = ("**Step 1 sentence:** x = 2\n**Correctness of the step:** correct.\n"
+            "Step 2 sentence: y = 5\nExplanation: y is 4\nCorrectness of the step: INCORRECT\n"
+            "Correctness of the final answer: Wrong. y is off by one")
+    c = common.parse_critique(text)
+    assert c.ok, c.problems
+    assert [s.correct for s in c.steps] == [True, False]
+    assert c.steps[1].explanation == "y is 4"  # an explanation before the verdict is kept
+    assert c.final_explanation == "y is off by one"
+    kit = common.format_critique([s.step for s in c.steps], [s.correct for s in c.steps],
+                                 [s.explanation for s in c.steps], c.final_correct, c.final_explanation)
+    back = common.parse_critique(kit)
+    assert [(s.step, s.correct, s.explanation) for s in back.steps] == \
+        [(s.step, s.correct, s.explanation) for s in c.steps]
+    assert (back.final_correct, back.final_explanation) == (False, "y is off by one")
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("Step sentence: a\nExplanation: fine\nCorrectness of the final answer: Correct", "steps without a verdict: [1]"),
+    ("Step sentence: a\nCorrectness of the step: Correct\n", "no final verdict"),
+    ("Correctness of the step: Correct\nCorrectness of the final answer: Correct", "verdict without its step"),
+    ("Step 1 sentence: a\nCorrectness of the step: Correct\nStep 3 sentence: b\n"
+     "Correctness of the step: Wrong\nCorrectness of the final answer: Wrong", "steps are not numbered 1..n"),
+])
+def test_malformed_authors_critiques_are_reported(text, problem):
+    c = common.parse_critique(text)
+    assert not c.ok and any(problem in p for p in c.problems), c.problems
+
+
+def test_kit_layout_ignores_text_after_the_final_verdict_but_reads_an_explanation_line():
+    kit = "Step 1: a\nVerdict: Correct. ok\nFinal verdict: Correct. fine\nThanks for reading!"
+    assert common.parse_critique(kit).final_explanation == "fine"
+    c = common.parse_critique("Step 1: a\nVerdict: Correct.\nFinal verdict: Correct.\nExplanation: all good")
+    assert c.ok and c.final_explanation == "all good"

@@ -183,3 +183,56 @@ def test_cli_builtin_end_to_end_and_rerun_identical(tmp_path, capsys):
     prep.main(prep.parse_args(argv))
     assert {s: Path(p).read_bytes() for s, p in paths.items()} == first
     assert sorted(x.name for x in tmp_path.iterdir()) == ["builtin_test.jsonl", "builtin_train.jsonl"]
+
+
+# ---------------------------------------------------------------------------
+# MATH solutions as steps a reader would count; train/test overlap
+# ---------------------------------------------------------------------------
+MATH_SPLITS = [
+    ("Substituting $x = 4$ gives $3(4) + 7$. This is $12 + 7 = \\boxed{19}$.",
+     ["Substituting $x = 4$ gives $3(4) + 7$.", "This is $12 + 7 = \\boxed{19}$."]),
+    ("The figure is below.\n[asy]\ndraw((0,0)--(8,0)--(0,6)--cycle);\nlabel(\"$8$\",(4,0),S);\n[/asy]\n"
+     "The hypotenuse is $10$.", ["The figure is below.", "The hypotenuse is $10$."]),
+    ("Shown: [asy]dot((3,0), red);[/asy] The area is $6$.", ["Shown:", "The area is $6$."]),
+    ("We factor. \\[x^2 - 5x + 6 = (x-2)(x-3).\\] So $x = 2$ or $x = 3$.",
+     ["We factor.", "\\[x^2 - 5x + 6 = (x-2)(x-3).\\]", "So $x = 2$ or $x = 3$."]),
+    ("We get $$a = 1,$$ and so $b = 2$. Done.", ["We get $$a = 1,$$", "and so $b = 2$.", "Done."]),
+    ("Then $x = 3.$ Hence $y = 2$.", ["Then $x = 3.$", "Hence $y = 2$."]),
+    ("It costs \\$2.50, e.g. for Mr. Smith. Then $3.5 \\cdot 2 = 7$. So 7 it is.",
+     ["It costs \\$2.50, e.g. for Mr. Smith.", "Then $3.5 \\cdot 2 = 7$.", "So 7 it is."]),
+    ("Since $f(x) = x. $ is odd, we stop", ["Since $f(x) = x. $ is odd, we stop"]),
+    ("Line one.\nLine two has $a\nb$ math.", ["Line one.", "Line two has $a b$ math."]),
+]
+
+
+@pytest.mark.parametrize("solution,steps", MATH_SPLITS)
+def test_math_solution_steps(solution, steps):
+    assert prep.split_solution(solution) == steps
+
+
+def test_math_steps_distribution_is_reported(tmp_path, capsys):
+    rows = [dict(MATH_ROW, solution="One $a$. Two $b$. Three $c$. Answer $\\boxed{1}$."),
+            dict(MATH_ROW, problem="Another?", solution="[asy]\ndraw((0,0)--(1,1));\n[/asy]\nIt is $\\boxed{2}$.")]
+    path = write_lines(tmp_path / "m.jsonl", rows)
+    paths = prep.main(prep.parse_args(["--source", "math", "--math-test", path, "--out-dir", str(tmp_path / "o")]))
+    steps = [json.loads(line)["reference_steps"] for line in open(paths["test"])]
+    assert [len(s) for s in steps] == [5, 2] and not any("draw" in x for s in steps for x in s)
+    assert "steps per solution: median 4, 1-4; 1:1  4-6:1" in capsys.readouterr().out
+
+
+def test_same_file_as_train_and_test_stops(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", GSM8K_ROWS)
+    args = prep.parse_args(["--source", "gsm8k", "--gsm8k-train", path, "--gsm8k-test", path,
+                            "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(common.UsageError, match=re.escape(path) + ": all 2 train problems also appear"):
+        prep.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_overlap_keeps_test_and_names_the_dropped_rows(tmp_path, capsys):
+    train = write_lines(tmp_path / "train.jsonl", GSM8K_ROWS)
+    test = write_lines(tmp_path / "test.jsonl", GSM8K_ROWS[1:])
+    paths = prep.main(prep.parse_args(["--source", "gsm8k", "--gsm8k-train", train, "--gsm8k-test", test,
+                                       "--out-dir", str(tmp_path / "out")]))
+    assert len(open(paths["train"]).readlines()) == 1 and len(open(paths["test"]).readlines()) == 1
+    assert "dropped 1 of 2 train problems that also appear in the test split" in capsys.readouterr().out

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import common
-from conftest import load_stage
+from conftest import ChatServer, load_stage
 
 tt = load_stage("05_test_time")
 FIXTURE = Path(__file__).parent / "fixtures" / "earliest_error_format_tiny.jsonl"
@@ -246,3 +246,68 @@ def test_processbench_mode_tiny_llama(tmp_path, tiny_model_path):
     assert json.loads((out / "processbench.json").read_text())["subsets"]["toy_word"]["n"] == 2
     assert len(common.read_jsonl(out / "generations" / "processbench.jsonl")) == 6
     assert "| average | 6 |" in (out / "processbench.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# --backend openai: the actor (and an api: critic) served over HTTP on 127.0.0.1
+
+
+def test_pipeline_over_a_served_model_matches_in_process(tmp_path, monkeypatch):
+    """The scripted engine behind a real OpenAI-style server gives the metrics it gives in process."""
+    scripted = ScriptedEngine()
+    server = ChatServer(lambda body: (200, scripted._one(body["messages"], body["n"])), models=["scripted"])
+    problems = _problems(tmp_path / "p.jsonl")
+    common_argv = ["--problems", problems, "--fewshot", "0", "--k-values", "1,2", "--difficulty-samples", "2"]
+    try:
+        served = tt.main(tt.parse_args(common_argv + ["--out-dir", str(tmp_path / "served"), "--backend", "openai",
+                                                      "--base-url", server.url, "--critic", "api:",
+                                                      "--critic-url", server.url]))
+    finally:
+        server.close()
+    monkeypatch.setattr(common, "get_engine", lambda *a, **k: ScriptedEngine())
+    local = tt.main(tt.parse_args(common_argv + ["--out-dir", str(tmp_path / "local"), "--critic", "scripted"]))
+    assert served["config"]["actor"] == "scripted" and served["config"]["critic"] == f"api:scripted@{server.url}"
+    for key in ("discrimination", "critique_refine", "scaling", "critique_parse", "actor_no_answer_rate"):
+        assert served[key] == local[key]
+    assert {(p, b["model"]) for p, b in server.log} == {("/v1/chat/completions", "scripted")}
+
+
+def _shape(obj):
+    """Keys and list lengths: what two runs of one setup share whatever their numbers."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items()}
+    return len(obj) if isinstance(obj, list) else "value"
+
+
+def test_end_to_end_served_tiny_llama_has_the_local_shape(tmp_path, tiny_model_path):
+    """A real model behind the server (the tiny Llama through HF generate, one request at a time):
+    05 with --backend openai writes what 05 with --backend hf writes, file for file."""
+    import threading
+    model, lock = common.Engine(tiny_model_path, backend="hf", device="cpu"), threading.Lock()
+
+    def serve(body):
+        with lock:
+            return 200, model.generate([body["messages"]], n=body["n"], temperature=body["temperature"],
+                                       top_p=body["top_p"], max_new_tokens=body["max_tokens"], seed=body["seed"],
+                                       stop=body.get("stop"))[0]
+
+    server = ChatServer(serve, models={tiny_model_path: 2048})
+    problems = _problems(tmp_path / "p.jsonl")
+    argv = ["--problems", problems, "--fewshot-pool", problems, "--k-values", "1,2", "--difficulty-samples", "2",
+            "--actor-max-new-tokens", "8", "--critic-max-new-tokens", "8", "--processbench", str(FIXTURE)]
+    try:
+        served = tt.main(tt.parse_args(argv + ["--out-dir", str(tmp_path / "served"), "--backend", "openai",
+                                               "--base-url", server.url, "--concurrency", "2",
+                                               "--critic", "api:", "--critic-url", server.url]))
+    finally:
+        server.close()
+    local = tt.main(tt.parse_args(argv + ["--out-dir", str(tmp_path / "local"), "--actor", tiny_model_path,
+                                          "--critic", tiny_model_path, "--backend", "hf"]))
+    assert served["config"]["actor"] == tiny_model_path  # named by the server
+    assert _shape(served) == _shape(local)
+    for name in ("samples.jsonl", "critiques.jsonl", "refinements.jsonl", "processbench.jsonl"):
+        s, l = (common.read_jsonl(tmp_path / run / "generations" / name) for run in ("served", "local"))
+        assert [r["id"] for r in s] == [r["id"] for r in l] and all(isinstance(r["text"], str) for r in s)
+    for name in ("metrics.md", "processbench.md", "by_difficulty.png", "scaling.png", "per_problem.jsonl",
+                 "processbench_predictions.jsonl"):
+        assert (tmp_path / "served" / name).stat().st_size > 0

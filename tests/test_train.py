@@ -121,7 +121,7 @@ def test_sft_learns_and_saves_a_plain_model(tiny_model_path, tmp_path):
     # The same settings again return at once; other settings refuse to overwrite silently.
     assert common.sft_train(tiny_model_path, records(), out, eval_records=records(2), epochs=4,
                             lr=1e-2, batch_size=8) == str(out)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(common.UsageError, match="other settings"):
         common.sft_train(tiny_model_path, records(), out, epochs=5, lr=1e-2, batch_size=8)
 
 
@@ -159,7 +159,7 @@ def test_sft_resumes_after_a_kill(tiny_model_path, tmp_path, monkeypatch):
     # Nothing looks final after the kill, and the checkpoint of step 2 is complete.
     assert not (out / "config.json").exists() and not (out / common.SFT_DONE).exists()
     assert common.last_complete_checkpoint(out / "checkpoints").endswith("checkpoint-2")
-    with pytest.raises(SystemExit, match="other settings"):  # never resume someone else's run
+    with pytest.raises(common.UsageError, match="other settings"):  # never resume someone else's run
         common.sft_train(tiny_model_path, records(), out, **{**kw, "lr": 2e-3})
     counter = StepCounter()
     with monkeypatch.context() as m:
