@@ -1,8 +1,8 @@
 """Stage 2 of AutoMathCritique: step-level critique annotation.
 
 Reads stage 1's reasoning paths (`out/paths.jsonl`) and writes one critique per path in the critic's
-own output format (common.format_critique): every step repeated with Correct/Wrong and a reason,
-then a verdict on the final answer. Like the paper's annotator, it sees the question, the path,
+own output format (common.format_critique): every step repeated, its check (the computation
+redone, or what is wrong with it), then Correct/Wrong; last a verdict on the final answer. Like the paper's annotator, it sees the question, the path,
 the reference solution and answer, and where known the error location and mistake type.
 
     out/annotations.jsonl          the path row + critique, annotator, critique_first_wrong_step,
@@ -90,7 +90,7 @@ def annotator_messages(row: dict) -> list[dict]:
               "incorrectly, or builds on an earlier wrong value. Keep explanations short and "
               "concrete (name the right value). The student will not see the reference solution "
               "or the notes, so do not mention them. " + CRITIC_FORMAT)
-    skeleton = "\n".join(f"Step {i}: <step {i} copied>\nVerdict: <Correct or Wrong>. <why>"
+    skeleton = "\n".join(f"Step {i}: <step {i} copied>\nCheck: <its computation redone>\nVerdict: <Correct or Wrong>."
                          for i in range(1, min(len(steps), 2) + 1))
     user = (f"Problem:\n{row['question']}\n\nStudent's solution:\n{number_steps(steps)}\n\n"
             f"Reference solution:\n{join_steps(row.get('reference_steps') or [])}\n"
@@ -417,7 +417,10 @@ def _praise(step: str, is_last: bool, answer_ok: bool, answer) -> str:
     if is_last and answer_ok and answer is not None:
         return f"It gives the final answer {answer}, which is right."
     if calcs:
-        return " ".join(f"{c.lhs_text} = {c.rhs_text} is right." for c in calcs[:2])
+        # Worded like a miscalculation's "a + b is 7, not 8." up to the comparison, so a critic
+        # trained on these writes the result before it says whether the step has it.
+        return " ".join(f"{c.lhs_text} is {format_number(c.value, '$' if c.money else '')}, as written."
+                        for c in calcs[:2])
     beyond = beyond_arithmetic(step)
     if beyond:  # say what was not checked rather than vouch for it
         return f"Not checked: {beyond} is beyond an arithmetic check."

@@ -26,8 +26,8 @@ Where the paper is silent, chosen here:
   mistakes, reference solutions), so a critic that calls one writer's style Correct without
   reading the steps shows, and at step level on the held-out paths whose first error is known
   (inserted mistakes, correct paths), by 05's ProcessBench rule.
-- training uses common.sft_train's fast path (packed batches; bf16 weights with fp32 master
-  weights on CPUs with AMX/AVX512-BF16); no loss pass over the held-out rows unless --eval-loss.
+- training uses common.sft_train's fast path (packed batches; bf16 autocast on CPUs with
+  AMX/AVX512-BF16); no loss pass over the held-out rows unless --eval-loss.
 
   python 04_train_critic.py                                  # CPU, embedded SmolLM2-135M
   torchrun --nproc_per_node 8 04_train_critic.py --model meta-llama/Meta-Llama-3-8B-Instruct \

@@ -489,11 +489,14 @@ def actor_messages(question: str, boxed: bool = False,
     return messages + [{"role": "user", "content": question}]
 
 
+# The critic checks before it judges: a step's "Check:" line redoes its arithmetic (the result
+# first, then whether the step wrote it) and only then comes the verdict. A verdict written
+# first must be decided in the single token after the copied step; a 135M critic trained that
+# way called every step Correct (README, critic learning curve), one that checks first did not.
 CRITIC_FORMAT = (
-    "For every step, copy it as 'Step i: <the step>' and on the next line write "
-    "'Verdict: Correct.' or 'Verdict: Wrong.' followed by a short explanation. After the last "
-    "step write 'Final verdict: Correct.' or 'Final verdict: Wrong.' with a short explanation "
-    "of whether the final answer is right.")
+    "For every step write 'Step i: <the step>', then 'Check: <redo its computation>', then "
+    "'Verdict: Correct.' or 'Verdict: Wrong.'. End with 'Final verdict: Correct.' or "
+    "'Final verdict: Wrong.' and why.")
 
 
 def fewshot_examples(pool: list[dict], k: int, exclude_id: str | None = None,
@@ -539,8 +542,7 @@ def load_fewshot_pool(args, problems: list[dict] | None = None) -> list[dict]:
 
 
 def critic_messages(question: str, steps: list[str]) -> list[dict]:
-    system = ("You are a careful math teacher. You check a student's solution step by step. "
-              + CRITIC_FORMAT)
+    system = "Check the student's solution step by step. " + CRITIC_FORMAT
     user = f"Problem:\n{question}\n\nStudent's solution:\n{number_steps(steps)}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -959,7 +961,8 @@ _VERDICT = re.compile(r"^\s*\**\s*(final\s+)?(?:verdict|judg(?:e)?ment)\s*\**\s*
 AUTHORS_STEP_HEAD = re.compile(r"^\s*\**\s*step(?:\s*(\d+))?\s+sentence\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
 _AUTHORS_VERDICT = re.compile(r"^\s*\**\s*correctness\s+of\s+the\s+(step|final\s+answer)\s*\**\s*:"
                               r"\s*\**\s*(correct|wrong|incorrect)\b\W*(.*)$", re.IGNORECASE)
-_EXPLANATION = re.compile(r"^\s*\**\s*explanation\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
+# "Check:" is the kit's explanation line (it comes before the verdict), "Explanation:" the authors'.
+_EXPLANATION = re.compile(r"^\s*\**\s*(?:explanation|check)\s*\**\s*:\s*\**\s*(.*)$", re.IGNORECASE)
 
 
 def _read_verdict(line: str) -> tuple[bool, bool, str] | None:
@@ -1008,7 +1011,7 @@ def parse_critique(text: str, n_steps: int | None = None) -> Critique:
             final_expl, final_open = _join(final_expl, explanation.group(1).strip()), True
         elif final_open and line.strip():
             final_expl = _join(final_expl, line.strip())
-        elif current is not None and current.correct is not None and line.strip():
+        elif current is not None and (current.explanation or current.correct is not None) and line.strip():
             current.explanation = _join(current.explanation, line.strip())
     if not steps:
         problems.append("no step verdicts")
@@ -1026,10 +1029,12 @@ def parse_critique(text: str, n_steps: int | None = None) -> Critique:
 
 def format_critique(steps: list[str], step_correct: list[bool], explanations: list[str],
                     final_correct: bool, final_explanation: str) -> str:
-    """The critic's output format; parse_critique(format_critique(...)) gives it back."""
+    """The critic's output format; parse_critique(format_critique(...)) gives it back. Each
+    step's explanation comes before its verdict (see CRITIC_FORMAT)."""
     lines = []
     for i, (s, ok, why) in enumerate(zip(steps, step_correct, explanations), 1):
-        lines += [f"Step {i}: {s}", f"Verdict: {'Correct' if ok else 'Wrong'}. {why}".rstrip()]
+        lines += [f"Step {i}: {s}"] + ([f"Check: {why}"] if why else [])
+        lines.append(f"Verdict: {'Correct' if ok else 'Wrong'}.")
     lines.append(f"Final verdict: {'Correct' if final_correct else 'Wrong'}. {final_explanation}".rstrip())
     return "\n".join(lines)
 
@@ -1061,10 +1066,9 @@ def load_records(spec: str, split: str = "train", config: str | None = None, lim
 def critique_from_labels(steps: list[str], labels: list[bool], explanations: list | None = None,
                          final_explanation: str | None = None) -> str:
     """A critique in the kit's layout whose step verdicts are `labels`; the final verdict is
-    Correct iff every step is. Labels say which steps are wrong, not why: a missing (None)
-    explanation becomes a short neutral sentence that adds nothing the verdict does not say."""
-    why = [w or ("This step is correct." if ok else "This step is wrong.")
-           for w, ok in zip(explanations or [None] * len(steps), labels)]
+    Correct iff every step is. Labels say which steps are wrong, not why: a step without an
+    explanation gets no Check line rather than one that would only repeat its verdict."""
+    why = [w or "" for w in explanations or [None] * len(steps)]
     first = next((i for i, ok in enumerate(labels, 1) if not ok), None)
     final = final_explanation or ("Every step is correct." if first is None
                                   else f"The solution goes wrong at step {first}.")

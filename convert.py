@@ -13,7 +13,8 @@
                   "annotator", "annotated_steps"}. A step label becomes that step's verdict. With
                   --annotator rules|model|api (02's annotators, first Wrong step = first False
                   label) a step keeps the annotator's explanation where its verdict agrees with
-                  the label, else, and with --annotator none, a short neutral sentence.
+                  the label, else, and with --annotator none, no Check line (a label says which
+                  step is wrong, not why).
                   Resumable: rows already in --out are kept; other settings on it are refused.
   authors-import  the paper authors' files (a JSON array or JSONL) -> critic_sft.jsonl and
                   refine_sft.jsonl in 03's shapes, plus "source" and "source_row". Critique
@@ -346,7 +347,7 @@ def parse_args(argv=None):
     i.add_argument("--limit", type=common.count, default=0, help="convert only the first N rows (0 = all)")
     i.add_argument("--out", default="out/critic_sft_trl.jsonl", help="critic SFT rows (JSONL, resumable)")
     i.add_argument("--annotator", choices=["none", "rules", "model", "api"], default="none",
-                   help="who explains the labelled verdicts: none (neutral sentences), or one of 02's annotators")
+                   help="who explains the labelled verdicts: none (verdicts only), or one of 02's annotators")
     i.add_argument("--annotator-model", default=None,
                    help="model: HF id or folder (default: the embedded model); api: the model name")
     i.add_argument("--annotator-url", default="http://localhost:8000/v1", help="api: base URL of the server")

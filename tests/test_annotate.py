@@ -49,6 +49,20 @@ def test_calculation_error_is_located_and_carried():
     assert crit.final_correct is False and "44" in crit.final_explanation
 
 
+def test_checks_are_worded_alike_up_to_the_comparison():
+    """A right and a wrong computation read the same until the result is written, and the check
+    comes before the verdict: the critic learns to redo the arithmetic, then compare."""
+    right, _, _ = annotate(path_row(PENS_REF, "44", True))
+    wrong, _, text = annotate(path_row(["He starts with 12 * 4 = 48 pens.", "After giving some away he has 48 - 10 = 36 pens.",
+                                        "Buying more gives 36 + 6 = 42 pens.", "The answer is 42."], "42", False,
+                                       method="rg3", error_step=2, error_type="calculation error"))
+    assert right.steps[1].explanation == "48 - 10 is 38, as written."
+    assert wrong.steps[1].explanation == "48 - 10 is 38, not 36."
+    lines = text.splitlines()
+    assert lines[3:6] == ["Step 2: After giving some away he has 48 - 10 = 36 pens.",
+                          "Check: 48 - 10 is 38, not 36.", "Verdict: Wrong."]
+
+
 def test_wrong_operation():
     row = path_row(["He starts with 12 + 4 = 16 pens.", "After giving some away he has 16 - 10 = 6 pens.",
                     "Buying more gives 6 + 6 = 12 pens.", "The answer is 12."], "12", False)

@@ -84,7 +84,7 @@ def test_trl_round_trip_keeps_every_step_label(tmp_path):
     assert rows[0]["problem_id"] == rows[1]["problem_id"] != rows[2]["problem_id"]  # held out together
     assert rows[1]["source_row"] == 1
     neutral = rows[3]["messages"][-1]["content"]
-    assert "Verdict: Wrong. This step is wrong." in neutral
+    assert "Step 2: 12 - 3 = 8 pens are left.\nVerdict: Wrong.\n" in neutral  # no Check line to invent
     assert neutral.endswith("Final verdict: Wrong. The solution goes wrong at step 2.")
 
     # 03-shaped rows export again to the same labels: the kit's critic data round-trips too
@@ -112,7 +112,7 @@ def test_trl_labels_override_a_disagreeing_annotator():
     critique, explained = convert.labelled_critique(steps, labels, text)
     c = common.parse_critique(critique)
     assert [s.correct for s in c.steps] == labels and explained == 2
-    assert [s.explanation for s in c.steps] == ["fine", "b is 3", "This step is wrong."]
+    assert [s.explanation for s in c.steps] == ["fine", "b is 3", ""]  # a label alone: no Check line
     assert c.final_explanation == "off"
     assert convert.labelled_critique(steps, labels, "no critique here")[1] == 0
 
@@ -230,14 +230,14 @@ def test_authors_files_become_the_kits_critic_and_refinement_data(tmp_path):
     first = critic[0]
     assert convert.critic_prompt_question(first["messages"]).startswith("A baker fills 6 trays")
     assert "Step sentence" not in first["messages"][1]["content"]  # the authors' template is not the question
-    assert first["messages"][-1]["content"].splitlines()[3] == "Verdict: Wrong. 48 - 20 is 28, not 26."
+    assert first["messages"][-1]["content"].splitlines()[4:6] == ["Check: 48 - 20 is 28, not 26.", "Verdict: Wrong."]
     assert (first["method"], first["source_row"]) == ("authors", 0)
     assert convert.critic_prompt_question(critic[2]["messages"]).startswith("A jar holds")  # field-named row
 
     refine = common.read_jsonl(out / "refine_sft.jsonl")
     assert refine[0]["problem_id"] == first["problem_id"]  # same question, same problem
     user, answer = refine[0]["messages"][-2]["content"], refine[0]["messages"][-1]["content"]
-    assert "Step 2: 48 - 20 = 26 rolls are left." in user and "Verdict: Wrong. 48 - 20 is 28" in user
+    assert "Step 2: 48 - 20 = 26 rolls are left." in user and "Check: 48 - 20 is 28" in user
     assert "Here is a step-by-step critique" not in user.split("A previous attempt:")[0]
     assert answer == "6 * 8 = 48 rolls are baked.\n48 - 20 = 28 rolls are left.\nThe answer is 28."
     assert refine[1]["messages"][-1]["content"].endswith("\\boxed{30}$.")

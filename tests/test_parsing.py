@@ -29,6 +29,16 @@ def test_format_then_parse_critique_round_trip():
     assert c.final_correct is False and c.final_explanation == "The answer should be 17."
 
 
+def test_check_line_comes_before_the_verdict_and_older_layout_still_parses():
+    text = common.format_critique(["a", "b"], [True, False], ["1 + 1 is 2, as written.", ""], False, "bad")
+    assert text.splitlines() == ["Step 1: a", "Check: 1 + 1 is 2, as written.", "Verdict: Correct.",
+                                 "Step 2: b", "Verdict: Wrong.", "Final verdict: Wrong. bad"]
+    c = common.parse_critique("Step 1: a\nCheck: 2 + 2 is 4,\nnot 5.\nVerdict: Wrong.\nFinal verdict: Wrong.")
+    assert c.ok and c.steps[0].explanation == "2 + 2 is 4, not 5." and c.steps[0].correct is False
+    old = common.parse_critique("Step 1: a\nVerdict: Wrong. 2 + 2 is 4, not 5.\nFinal verdict: Wrong. no")
+    assert old.ok and old.steps[0].explanation == "2 + 2 is 4, not 5."
+
+
 def test_parse_critique_tolerates_markdown_and_case():
     text = ("**Step 1:** x = 2\n**Verdict:** correct - fine\nStep 2: y = 5\nverdict: INCORRECT. no\n"
             "Final Verdict: Wrong. bad")

@@ -139,7 +139,7 @@ class ScriptedEngine:
     def _one(self, messages, n):
         user = messages[-1]["content"]
         topic = next(k for k in GOLD if k in user)
-        if messages[0]["content"].startswith("You are a careful math teacher"):
+        if messages[0]["content"] == common.critic_messages("", [])[0]["content"]:
             solution = user.split("Student's solution:\n")[1]
             if "answer is 1." in solution:
                 return ["I cannot tell."] * n
