@@ -2,8 +2,9 @@
 
 Reads stage 1's reasoning paths (`out/paths.jsonl`) and writes one critique per path in the critic's
 own output format (common.format_critique): every step repeated, its check (the computation
-redone, or what is wrong with it), then Correct/Wrong; last a verdict on the final answer. Like the paper's annotator, it sees the question, the path,
-the reference solution and answer, and where known the error location and mistake type.
+redone, or what is wrong with it), then Correct/Wrong; last a verdict on the final answer. Like
+the paper's annotator, it sees the question, the path, the reference solution and answer, and
+where known the error location and mistake type.
 
     out/annotations.jsonl          the path row + critique, annotator, critique_first_wrong_step,
                                    critique_final_correct, attempts (how many tries it took)

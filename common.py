@@ -1068,7 +1068,7 @@ def critique_from_labels(steps: list[str], labels: list[bool], explanations: lis
     """A critique in the kit's layout whose step verdicts are `labels`; the final verdict is
     Correct iff every step is. Labels say which steps are wrong, not why: a step without an
     explanation gets no Check line rather than one that would only repeat its verdict."""
-    why = [w or "" for w in explanations or [None] * len(steps)]
+    why = explanations or [None] * len(steps)  # format_critique writes no Check line for None
     first = next((i for i, ok in enumerate(labels, 1) if not ok), None)
     final = final_explanation or ("Every step is correct." if first is None
                                   else f"The solution goes wrong at step {first}.")
