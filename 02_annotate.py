@@ -283,15 +283,33 @@ def _counterpart(calc: Computation, bad: Fraction, facts: ProblemFacts) -> Fract
     return None
 
 
-def _recompute(calc: Computation, fixes: dict) -> Fraction | None:
-    """The left side with the first use of each wrong value replaced by its correct value."""
+def _fixed_positions(calc: Computation, fixes: dict) -> dict | None:
+    """{token position: correct value} for the first use of each wrong value on the left side."""
     subst = {}
     for old, new in fixes.items():
         pos = next((p for p, t in enumerate(calc.lhs) if t.kind == "num" and t.value == old), None)
         if new is None or pos is None:
             return None
         subst[pos] = new
-    return evaluate_tokens(calc.lhs, subst)
+    return subst
+
+
+def _recompute(calc: Computation, fixes: dict) -> Fraction | None:
+    """The left side with the first use of each wrong value replaced by its correct value."""
+    subst = _fixed_positions(calc, fixes)
+    return None if subst is None else evaluate_tokens(calc.lhs, subst)
+
+
+def _fixed_text(calc: Computation, fixes: dict) -> str | None:
+    """The left side as the step would read with the correct values (`5 * 6` for `5 * 5`)."""
+    subst = _fixed_positions(calc, fixes)
+    if subst is None:
+        return None
+    text, base = calc.lhs_text, calc.lhs[0].start
+    for pos in sorted(subst, reverse=True):
+        t = calc.lhs[pos]
+        text = text[:t.start - base] + format_number(subst[pos], "$" if "$" in t.text else "") + text[t.end - base:]
+    return text
 
 
 def _taint(calc: Computation, i: int, fix, taint: dict, facts: ProblemFacts) -> None:
@@ -303,8 +321,26 @@ def _taint(calc: Computation, i: int, fix, taint: dict, facts: ProblemFacts) -> 
 
 def _wrong_number(used: Fraction, needed: Fraction, facts: ProblemFacts, like: str) -> str:
     if needed in facts.phrases:
-        return f"it uses {format_number(used, like)}, but the problem says {facts.phrases[needed]}."
-    return f"it uses {format_number(used, like)} where {format_number(needed, like)} is needed."
+        return f"the problem says {facts.phrases[needed]}, not {format_number(used, like)}"
+    return f"it needs {format_number(needed, like)} where it uses {format_number(used, like)}"
+
+
+def _instead(right_lhs: str, right_value: Fraction, calc: Computation, like: str, why: str) -> str:
+    """'<what the problem calls for> is <its value>, not <the step's computation>: <why>.'
+    Worded like a right step's '<lhs> is <value>, as written.' up to the comparison: a critic
+    trained on these redoes the step from the problem, and only then says whether the step
+    did the same. Told 'X uses the wrong operation' first, it must decide in one token."""
+    return (f"{right_lhs} is {format_number(right_value, like)}, not "
+            f"{calc.lhs_text} = {calc.rhs_text}: {why}.")
+
+
+def _swapped(calc: Computation, used: Fraction, needed: Fraction, facts: ProblemFacts, like: str) -> str:
+    """The step redone with the number it should have used."""
+    right, value = _fixed_text(calc, {used: needed}), _recompute(calc, {used: needed})
+    why = _wrong_number(used, needed, facts, like)
+    if right is None or value is None:
+        return why[:1].upper() + why[1:] + "."
+    return _instead(right, value, calc, like, why)
 
 
 def _carried(value: Fraction, src: int, fix, facts: ProblemFacts, like: str) -> str:
@@ -336,7 +372,7 @@ def check_calc(calc: Computation, i: int, facts: ProblemFacts, known: set, taint
         _taint(calc, i, _recompute(calc, {u: c}), taint, facts)
         if c is None:
             return 2, f"it uses {format_number(u, like)}, which is neither given in the problem nor found earlier."
-        return 2, _wrong_number(u, c, facts, like)
+        return 2, _swapped(calc, u, c, facts, like)
     if calc.binop is None:
         return _near_reference(calc, i, facts, taint, like)
     a, op, b = calc.binop
@@ -345,14 +381,13 @@ def check_calc(calc: Computation, i: int, facts: ProblemFacts, known: set, taint
         return None  # the reference computes exactly this
     if same:
         _taint(calc, i, same[0].value, taint, facts)
-        return 3, (f"{calc.lhs_text} uses the wrong operation; the problem calls for "
-                   f"{same[0].lhs_text} = {format_number(same[0].value, like)}.")
+        return 3, _instead(same[0].lhs_text, same[0].value, calc, like, "it uses the wrong operation")
     if calc.value not in facts.reference:  # a known number, but not the one this computation needs
         for u in (b, a):
             c = _counterpart(calc, u, facts)
             if c is not None:
                 _taint(calc, i, _recompute(calc, {u: c}), taint, facts)
-                return 3, _wrong_number(u, c, facts, like)
+                return 3, _swapped(calc, u, c, facts, like)
     return _near_reference(calc, i, facts, taint, like)
 
 
@@ -370,20 +405,19 @@ def _near_reference(calc: Computation, i: int, facts: ProblemFacts, taint: dict,
             continue
         theirs = Counter(t.value for t in ref.operands)
         extra, missing = mine - theirs, theirs - mine
-        right = f"the problem calls for {ref.lhs_text} = {format_number(ref.value, like)}."
         if not extra and not missing:
-            problem = f"{calc.lhs_text} combines the right numbers the wrong way; {right}"
+            why = "it combines the right numbers the wrong way"
         elif sum(extra.values()) == 1 and not missing:
             x = next(iter(extra))
-            problem = (f"{calc.lhs_text} counts {format_number(x, like)} "
-                       f"{'twice' if x in theirs else 'although it does not belong'}; {right}")
+            why = f"it counts {format_number(x, like)} {'twice' if x in theirs else 'although it does not belong'}"
         elif sum(missing.values()) == 1 and not extra:
-            problem = f"{calc.lhs_text} leaves out {format_number(next(iter(missing)), like)}; {right}"
+            why = f"it leaves out {format_number(next(iter(missing)), like)}"
         elif (sum(extra.values()) == sum(missing.values()) == 1
               and ops == [t.op for t in ref.lhs if t.kind == "op"]):
-            problem = _wrong_number(next(iter(extra)), next(iter(missing)), facts, like)
+            why = _wrong_number(next(iter(extra)), next(iter(missing)), facts, like)
         else:
             continue
+        problem = _instead(ref.lhs_text, ref.value, calc, like, why)
         _taint(calc, i, ref.value, taint, facts)
         return 3, problem
     return None

@@ -60,7 +60,6 @@ Choices where the paper is silent:
         --actor-max-new-tokens 1024 --critic-max-new-tokens 1536
 """
 import argparse
-import json
 import re
 import time
 from collections import Counter
@@ -289,18 +288,8 @@ def read_step_source(source: str):
     dataset, or a hub dataset `owner/name[:split,...]`. Default subset: file stem, or split."""
     path = Path(source)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            is_array = f.read(4096).lstrip().startswith("[")
-        if not is_array:
-            for where, row in common.iter_jsonl(path):
-                yield where, row, path.stem
-            return
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise common.UsageError(f"{path}: not a JSON array of rows ({e})") from None
-        for i, row in enumerate(rows, 1):
-            yield f"{path}: item {i}", row, path.stem
+        for where, row in common.iter_records(path):
+            yield where, row, path.stem
     elif path.is_dir() or Path(source.partition(":")[0]).is_dir() or HUB_DATASET.match(source):
         yield from read_dataset(source)
     else:

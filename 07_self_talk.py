@@ -259,6 +259,11 @@ _FIRST_PERSON = [(re.compile(r"\.\s+Also,.*$", re.I | re.S), "."),  # the first,
                  (re.compile(r"^it does not\b", re.I), "I did not"),
                  (re.compile(r"^(it|this step)\b", re.I), "that step"),
                  (re.compile(r"\bthe student\b", re.I), "I"),
+                 # 02's "13 - 8 is 5, not 13 + 8 = 21: it uses the wrong operation."
+                 (re.compile(r"(?<=: )it (needs|uses|counts|leaves|combines)\b"),
+                  lambda m: "I " + {"needs": "needed", "uses": "used", "counts": "counted",
+                                    "leaves": "left", "combines": "combined"}[m.group(1)]),
+                 (re.compile(r"\bwhere it uses\b"), "where I used"),
                  (re.compile(r"\bfrom step \d+\b", re.I), "from an earlier step")]
 
 

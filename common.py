@@ -489,10 +489,11 @@ def actor_messages(question: str, boxed: bool = False,
     return messages + [{"role": "user", "content": question}]
 
 
-# The critic checks before it judges: a step's "Check:" line redoes its arithmetic (the result
-# first, then whether the step wrote it) and only then comes the verdict. A verdict written
-# first must be decided in the single token after the copied step; a 135M critic trained that
-# way called every step Correct (README, critic learning curve), one that checks first did not.
+# The critic checks before it judges: a step's "Check:" line redoes the computation the problem
+# calls for (the computation and its result first, then whether the step wrote the same) and
+# only then comes the verdict. A verdict written first must be decided in the single token after
+# the copied step; a 135M critic trained that way called every step Correct (README, critic
+# learning curve), one that checks first did not.
 CRITIC_FORMAT = (
     "For every step write 'Step i: <the step>', then 'Check: <redo its computation>', then "
     "'Verdict: Correct.' or 'Verdict: Wrong.'. End with 'Final verdict: Correct.' or "

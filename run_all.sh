@@ -32,8 +32,8 @@ case $PRESET in
     : "${ACTOR_TOKENS:=96}" "${CRITIC_TOKENS:=160}" ;;
   # The default's critic data comes from one writer: reference solutions and mistakes the
   # program inserts into them (RG3, program continuation; no model call), so a critic cannot
-  # pass paths by their style. 400 balanced rows, 1 epoch: about 9 minutes of training on 2 CPU
-  # cores, where the learning curve (README) first beats the majority class clearly.
+  # pass paths by their style. 400 balanced rows, 1 epoch: about 10 minutes of training on 2 CPU
+  # cores, the largest point of the learning curve (README) that fits 12 minutes.
   default)
     : "${N_TRAIN:=2000}" "${N_TEST:=200}" "${ERR_PROBLEMS:=400}" "${RG_SAMPLES:=4}"
     : "${METHODS:=rg3,reference}" "${RG3_CONTINUE:=program}" "${FILTER_N:=4}" "${FILTER_K:=0}"
@@ -152,7 +152,7 @@ stage 05_test_time $PY 05_test_time.py --problems "$DATA/${SOURCE}_test.jsonl" \
 
 # --- 06 self-improvement: vanilla vs critique-in-the-loop (SI_* knobs; iteration 0 and vanilla
 # are shared by runs with another SI_CRITIC). The CPU presets use the rules critic: the trained
-# 135M critic misses most of the actor's mistakes (05 in the README: it flags 6 of 38 wrong
+# 135M critic misses most of the actor's mistakes (05 in the README: it flags 15 of 38 wrong
 # answers); SI_CRITIC=$OUT/critic runs it (README, 06 section).
 # The paper preset uses 04's critic.
 case $PRESET in

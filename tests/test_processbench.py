@@ -103,10 +103,10 @@ def test_hub_id_goes_through_datasets(monkeypatch):
 def test_malformed_sources(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "a", "problem": "q", "steps": ["s"], "label": 0}, ')
-    with pytest.raises(common.UsageError, match="bad.json: not a JSON array"):
+    with pytest.raises(common.UsageError, match=r"bad.json:1: malformed JSON"):
         tt.load_step_labelled([str(bad)])
     bad.write_text('[{"id": "a", "problem": "q", "steps": ["s"], "label": 0}, 3]')
-    with pytest.raises(common.UsageError, match="bad.json: item 2: a row must be a JSON object"):
+    with pytest.raises(common.UsageError, match=r"bad.json\[1\]: expected a JSON object"):
         tt.load_step_labelled([str(bad)])
     twice = str(HUB_COPY / "gsm8k.json")
     with pytest.raises(common.UsageError, match="'gsm8k-0' appears twice in subset 'gsm8k'"):

@@ -220,6 +220,10 @@ def test_first_person_reasons():
     assert st.first_person("The final answer 80 does not match the correct answer 90.") == \
         "the final answer 80 cannot be right."
     assert st.first_person("12 * 8 is 96, not 86.") == "12 * 8 is 96, not 86."
+    assert st.first_person("60 + 55 is 115, not 55 + 55 = 110: it needs 60 where it uses 55.") == \
+        "60 + 55 is 115, not 55 + 55 = 110: I needed 60 where I used 55."
+    assert st.first_person("13 - 8 is 5, not 13 + 8 = 21: it uses the wrong operation.") == \
+        "13 - 8 is 5, not 13 + 8 = 21: I used the wrong operation."
     assert st.first_person("") == "that step is not right."
 
 
