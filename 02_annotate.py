@@ -338,8 +338,8 @@ def _swapped(calc: Computation, used: Fraction, needed: Fraction, facts: Problem
     """The step redone with the number it should have used."""
     right, value = _fixed_text(calc, {used: needed}), _recompute(calc, {used: needed})
     why = _wrong_number(used, needed, facts, like)
-    if right is None or value is None:
-        return why[:1].upper() + why[1:] + "."
+    if right is None or value is None:  # rules_review capitalizes the first letter
+        return why + "."
     return _instead(right, value, calc, like, why)
 
 

@@ -250,20 +250,18 @@ REFLECTION = re.compile(r"^\s*(wait|hmm|hold on|hang on|oops|actually|on second 
                         r"let me (?:re-?)?check|let me double-check|that'?s not right|no,)\b", re.IGNORECASE)
 # The rules critic writes its reasons about "it" (the step) and, being reference-aware, names the
 # gold answer; the speaker of self-talk owns the reasons and cannot know the gold answer.
+_PAST = {"uses": "used", "carries": "carried", "needs": "needed", "counts": "counted",
+         "leaves": "left", "combines": "combined"}
 _FIRST_PERSON = [(re.compile(r"\.\s+Also,.*$", re.I | re.S), "."),  # the first, most definite finding
                  (re.compile(r"\s*;\s*the (correct answer is|question asks for) [^;]*?(?=[.;]?$)", re.I), ""),
                  (re.compile(r"\bdoes not match the correct answer \S+?(?=[.;]?$)", re.I), "cannot be right"),
                  (re.compile(r"^the solution never states\b", re.I), "I never stated"),
-                 (re.compile(r"^it uses\b", re.I), "I used"),
-                 (re.compile(r"^it carries\b", re.I), "I carried"),
+                 # "It uses 5, ...", and after 02's redone step "...: it uses the wrong operation."
+                 (re.compile(r"(?:^|(?<=: )|(?<=where ))it (uses|carries|needs|counts|leaves|combines)\b", re.I),
+                  lambda m: "I " + _PAST[m.group(1).lower()]),
                  (re.compile(r"^it does not\b", re.I), "I did not"),
                  (re.compile(r"^(it|this step)\b", re.I), "that step"),
                  (re.compile(r"\bthe student\b", re.I), "I"),
-                 # 02's "13 - 8 is 5, not 13 + 8 = 21: it uses the wrong operation."
-                 (re.compile(r"(?<=: )it (needs|uses|counts|leaves|combines)\b"),
-                  lambda m: "I " + {"needs": "needed", "uses": "used", "counts": "counted",
-                                    "leaves": "left", "combines": "combined"}[m.group(1)]),
-                 (re.compile(r"\bwhere it uses\b"), "where I used"),
                  (re.compile(r"\bfrom step \d+\b", re.I), "from an earlier step")]
 
 
